@@ -15,7 +15,6 @@ class Logger:
     """
 
     def __init__(self, run_dir: str, purge_step: int | None = None):
-        # purge_step: on resume, drop events a crashed run wrote after its last checkpoint.
         self.writer = SummaryWriter(run_dir, purge_step=purge_step)
         self._pending: dict[str, Any] = {}
 

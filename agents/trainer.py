@@ -160,7 +160,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             self.restore(resume)
-        logger = Logger(str(self.run_dir), purge_step=self.global_step if resume else None)
+        # On resume, drop events a crashed run logged after its last checkpoint (steps > the checkpoint's).
+        logger = Logger(str(self.run_dir), purge_step=self.global_step + 1 if resume else None)
         if resume is None:
             logger.hparams(self.hparams)
         start_step, start_time = self.global_step, time.time()

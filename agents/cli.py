@@ -135,7 +135,8 @@ def train(algo: str, game: str, args, resume_dir: str | None = None) -> dict[str
         hparams = _flatten(dataclasses.asdict(args))
         eval_fn = make_env_fn(spec, args, split="test")  # text games: the fixed held-out set
         trainer = Trainer(agent, env, tc, run_dir, algo=algo, game=spec.name, hparams=hparams,
-                          make_eval_env=lambda n: eval_fn(n, tc.seed + 10_000))
+                          make_eval_env=lambda n: eval_fn(n, tc.seed + 10_000),
+                          score_name="accuracy" if spec.kind == "text" else "return")
         return trainer.run(resume=resume_state)
     finally:
         env.close()

@@ -113,6 +113,7 @@ class Trainer:
         game: str,
         hparams: dict[str, Any] | None = None,
         make_eval_env: Callable[[int], Any] | None = None,
+        score_name: str = "return",
     ):
         config.validate()
         self.agent, self.env, self.cfg = agent, env, config
@@ -120,6 +121,7 @@ class Trainer:
         self.algo, self.game = algo, game
         self.hparams = hparams or {}
         self.make_eval_env = make_eval_env
+        self.score_name = score_name  # "accuracy" for text games: their episodic return is 1 if correct, else 0
         self.global_step = 0
         self.updates = 0
         self.np_rng = np.random.default_rng(config.seed)
@@ -174,14 +176,14 @@ class Trainer:
         try:
             if cfg.eval_at_start and resume is None and cfg.eval_episodes:
                 ev = self.evaluate(cfg.eval_episodes)
-                self.extra_summary["initial_eval_return_mean"] = ev.get("return_mean")
+                self.extra_summary[f"initial_eval_{self.score_name}"] = ev.get("return_mean")
                 self._log_eval(logger, ev)
             obs, _ = self.env.reset(seed=cfg.seed + self.global_step)
             while self.global_step < cfg.steps:
                 action = self.agent.act(obs)
                 next_obs, reward, terminated, truncated, info = self.env.step(action)
                 self.agent.observe(Transition(obs, action, reward, terminated, truncated, next_obs,
-                                              info["final_obs"], info))
+                                              info.get("final_obs", next_obs), info))
                 obs = next_obs
                 self.global_step += self.env.num_envs
                 bar.update(self.env.num_envs)
@@ -232,6 +234,8 @@ class Trainer:
             "final_eval_returns": final.get("returns", []),
             **self.extra_summary,
         }
+        if self.score_name != "return":
+            summary[f"final_eval_{self.score_name}"] = final.get("return_mean")
         write_json(self.run_dir / "summary.json", summary)
         if interrupted:
             raise KeyboardInterrupt
@@ -242,6 +246,8 @@ class Trainer:
             return
         logger.record("eval/return_mean", ev["return_mean"])
         logger.record("eval/return_std", ev["return_std"])
+        if self.score_name != "return":
+            logger.record(f"eval/{self.score_name}", ev["return_mean"])
         logger.dump(self.global_step)
 
 

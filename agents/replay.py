@@ -12,7 +12,9 @@ Usage (one `add` per `env.step` of a vector env with autoreset_mode="SameStep"):
     target = batch.returns + (1 - batch.dones) * batch.discounts * q_target(batch.next_obs).max(-1).values
     loss = (batch.weights * huber(q(batch.obs).gather(...) - target)).mean()
     mem.update_priorities(batch.indices, td_errors)                   # only matters if prioritized
-    mem.save(path) / mem.load(path)                                    # atomic, weights_only load
+    mem.save(path) / mem.load(path)       # atomic, weights_only; see start_new_episodes() for resume
+    ReplayMemory.bytes_needed(capacity, obs_shape, obs_dtype, frame_stack, prioritized)  # -> bytes
+    # The constructor raises ReplayMemoryTooLarge (a MemoryError) before allocating if it cannot fit.
 
 `add` takes the *raw* env rewards (numpy or torch, leading dim N = num_envs); the memory keeps them and
 their clipped sign (Nature DQN) which is what `returns` sums when `clip_rewards=True`. `final_obs` is the
@@ -64,9 +66,9 @@ class _SumTree:
 
     Why a tree and not torch.multinomial over all priorities: multinomial costs O(capacity) per batch
     (a 1M-element cumsum on every sample), the tree O(B * K * log_K capacity), without host sync.
-    K = 32 keeps the tree 4 levels deep for 1M leaves, so few kernel launches per batch.
+    K = 64 keeps the tree 4 levels deep for 1M leaves (3 for 200k), so few kernel launches per batch.
     """
-    K = 32
+    K = 64
 
     @staticmethod
     def sizes(n: int) -> list[int]:
@@ -87,6 +89,14 @@ class _SumTree:
             idx = idx // self.K
             self.levels[d][idx] = self.levels[d - 1].view(-1, self.K)[idx].sum(-1)
 
+    def rebuild(self, leaves: torch.Tensor) -> None:
+        """Set all leaves [n] at once and recompute every level, O(n)."""
+        self.levels[0].zero_()
+        self.levels[0][: len(leaves)] = leaves.double()
+        for d in range(1, len(self.levels)):
+            parents = self.levels[d - 1].view(-1, self.K).sum(-1)
+            self.levels[d][: len(parents)] = parents
+
     def find(self, u: torch.Tensor) -> torch.Tensor:
         """Leaf i such that cumsum(leaves)[i-1] <= u < cumsum(leaves)[i], for u [B] in [0, total)."""
         idx = torch.zeros_like(u, dtype=torch.long)
@@ -94,7 +104,7 @@ class _SumTree:
         for d in range(len(self.levels) - 2, -1, -1):
             children = self.levels[d].view(-1, self.K)[idx]  # [B, K]
             csum = children.cumsum(-1)                       # [B, K]
-            j = (csum <= u[:, None]).sum(-1)                 # first child whose cumsum exceeds u
+            j = torch.searchsorted(csum, u[:, None], right=True)[:, 0]  # first child with cumsum > u
             # Rounding can push u past the last cumsum: never step into an empty (invalid) child.
             j = torch.minimum(j, ((children > 0) * ar).amax(-1))
             u = u - torch.where(j > 0, csum.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], 0.0)
@@ -168,7 +178,7 @@ class ReplayMemory:
                      frame_stack: int = 1, prioritized: bool = False) -> int:
         """Bytes this memory allocates for `capacity` transitions (frames + metadata + sum tree)."""
         frame = math.prod(obs_shape[1:] if frame_stack > 1 else obs_shape)
-        per_slot = frame * torch.empty((), dtype=obs_dtype).element_size() + 8 + 4 + 4 + 5
+        per_slot = frame * obs_dtype.itemsize + 8 + 4 + 4 + 5  # frame, action, 2 rewards, 5 flags
         return capacity * (per_slot + 4 * prioritized) + 8 * sum(_SumTree.sizes(capacity))
 
     def __len__(self) -> int:
@@ -191,12 +201,12 @@ class ReplayMemory:
         old_head = self.head.clone()
         if self.steps_added == 0 and S > 1:  # stack prefix: the S-1 older frames of the first obs
             for k in range(S - 1):
-                self.frames[self.base + k] = self._as_tensor(obs[:, k])
+                self.frames.index_copy_(0, self.base + k, self._as_tensor(obs[:, k], self.frames.dtype))
             self.head += S - 1
             self.count += S - 1
         raw = self._as_tensor(rewards, torch.float32)
         slot = self.base + self.head  # [N]
-        self.frames[slot] = self._as_tensor(obs[:, -1] if S > 1 else obs)
+        self.frames.index_copy_(0, slot, self._as_tensor(obs[:, -1] if S > 1 else obs, self.frames.dtype))
         self.actions[slot] = self._as_tensor(actions).long()
         self.raw_rewards[slot] = raw
         self.rewards[slot] = raw.sign() if self.clip_rewards else raw
@@ -214,10 +224,10 @@ class ReplayMemory:
         else:  # one extra slot per ended episode for its final frame; other envs keep the slot as is
             if isinstance(final_obs, np.ndarray) and final_obs.dtype == object:  # gymnasium: None rows
                 final_obs = np.stack([f if f is not None else np.asarray(o) for f, o in zip(final_obs, obs)])
-            fin = self._as_tensor(final_obs[:, -1] if S > 1 else final_obs)  # [N, *frame]
+            fin = self._as_tensor(final_obs[:, -1] if S > 1 else final_obs, self.frames.dtype)  # [N, *frame]
             slot = self.base + self.head
             mask = done.view(N, *[1] * len(self.frame_shape))
-            self.frames[slot] = torch.where(mask, fin.to(self.frames.dtype), self.frames[slot])
+            self.frames.index_copy_(0, slot, torch.where(mask, fin, self.frames.index_select(0, slot)))
             self.has_next[slot] &= ~done
             self.first[slot] &= ~done
             self.head = (self.head + done) % C
@@ -230,50 +240,65 @@ class ReplayMemory:
         W = self.n + 2 * S + 3
         pos = (old_head[:, None] - self.n - 1 + torch.arange(W, device=self.store)) % C  # [N, W]
         idx = (self.base[:, None] + pos).flatten()                                        # [N*W]
-        self.valid[idx] = self._lookahead(idx)[0]
+        self.valid[idx] = self._lookahead(idx)[-1]
         self.tree.update(idx, self.valid[idx] * (self.prio[idx] if self.prioritized else 1.0))
 
-    def _lookahead(self, idx: torch.Tensor):
-        """For slots idx [K]: (valid, n-step return, done, discount, slot of next obs), all [K]."""
-        C, e = self.C, idx // self.C
-        p, base, count = idx % C, e * C, self.count[e]
-        age = (p - self.head[e]) % C - (C - count)  # [K] write order, 0 = oldest, < 0 = not written
-        ok = (age >= 0) & self.has_next[idx]
-        alive = torch.ones_like(ok)  # frame p-k is in the same episode as p
-        for k in range(1, self.S):
-            alive = alive & ~self.first[base + (p - k + 1) % C]
-            ok = ok & (~alive | (age >= k))  # a frame of the stack must not be overwritten
+    def _lookahead(self, idx: torch.Tensor, check: bool = True):
+        """For slots idx [K]: (n-step return, done, discount, slot of the next obs, valid), all [K].
+        check=False skips the validity test (valid=None): sample() only draws slots known to be valid."""
+        C, p = self.C, idx % self.C
+        base = idx - p
         ret = torch.zeros(idx.shape, device=idx.device)
-        disc, done, ended = torch.ones_like(ret), torch.zeros_like(ok), torch.zeros_like(ok)
-        m = torch.zeros_like(idx)  # steps actually used, <= n
+        disc, done = torch.ones_like(ret), torch.zeros_like(idx, dtype=torch.bool)
+        ended, m = torch.zeros_like(done), torch.zeros_like(idx)  # m: steps actually used, <= n
+        cut = torch.zeros_like(done)  # look-ahead runs into another episode without an end (resume)
         for j in range(self.n):
             q = base + (p + j) % C
             active = ~ended
-            ok = ok & (~active | (age + j < count))  # look-ahead transition must be written
+            if check and j:
+                cut = cut | (active & self.first[q])
             ret = ret + active * disc * self.rewards[q]
             disc = torch.where(active, disc * self.gamma, disc)
             m = m + active
             done = done | (active & self.terminated[q])
             ended = ended | (active & (self.terminated[q] | self.truncated[q]))
-        ok = ok & (age + m < count)  # the bootstrap frame must be written too
-        return ok, ret, done, disc, base + (p + m) % C
+        nxt = base + (p + m) % C
+        if not check:
+            return ret, done, disc, nxt, None
+        e = idx // C
+        count = self.count[e]
+        age = (p - self.head[e]) % C - (C - count)  # [K] write order, 0 = oldest, < 0 = not written
+        # All m look-ahead transitions and the bootstrap frame after them must be written (slots read
+        # beyond the cursor hold stale data, but then age + m >= count and the slot is invalid anyway).
+        ok = (age >= 0) & self.has_next[idx] & (age + m < count) & ~cut & (ended | ~self.first[nxt])
+        alive = torch.ones_like(ok)  # frame p-k is in the same episode as p
+        for k in range(1, self.S):
+            alive = alive & ~self.first[base + (p - k + 1) % C]
+            ok = ok & (~alive | (age >= k))  # a frame of the stack must not be overwritten
+        return ret, done, disc, nxt, ok
 
     def _stack(self, idx: torch.Tensor) -> torch.Tensor:
         """Rebuild the observations [K, *obs_shape] whose newest frames are at slots idx [K]."""
         if self.S == 1:
-            return self.frames[idx]
-        C, p = self.C, idx % self.C
+            return self.frames.index_select(0, idx)  # index_select: much faster than frames[idx]
+        K, C, p = len(idx), self.C, idx % self.C
         base = idx - p
-        out = self.frames.new_empty(len(idx), self.S, *self.frame_shape)  # [K, S, *frame]
-        alive = torch.ones_like(idx, dtype=torch.bool)
-        for k in range(self.S):  # newest first
-            f = self.frames[base + (p - k) % C]
-            if k:
-                alive = alive & ~self.first[base + (p - k + 1) % C]
-                pad = out[:, self.S - k] if self.pad == "repeat" else torch.zeros_like(f)
-                f = torch.where(alive.view(-1, *[1] * len(self.frame_shape)), f, pad)
-            out[:, self.S - 1 - k] = f
+        slots = idx[:, None].repeat(1, self.S)                 # [K, S] oldest ... newest
+        alive = torch.ones_like(slots, dtype=torch.bool)       # [K, S] frame is from idx's episode
+        for k in range(1, self.S):
+            alive[:, -1 - k] = alive[:, -k] & ~self.first[base + (p - k + 1) % C]
+            # Before the episode start, point at its first frame: that is the "repeat" padding.
+            slots[:, -1 - k] = torch.where(alive[:, -1 - k], base + (p - k) % C, slots[:, -k])
+        out = self.frames.index_select(0, slots.flatten()).view(K, self.S, *self.frame_shape)
+        if self.pad == "zeros":  # ALE pads with zeros (mul_: much faster than a broadcast masked_fill_ on CPU)
+            out.mul_(alive.view(K, self.S, *[1] * len(self.frame_shape)))
         return out
+
+    def start_new_episodes(self) -> None:
+        """The envs were reset without their episodes ending in add() (e.g. on resume after load(), when
+        the last step was not stored as truncated): the next add() starts a new episode in every env,
+        and no stack or n-step return will cross this cut (those transitions become invalid)."""
+        self.next_first.fill_(True)
 
     def beta(self) -> float:
         return self.beta0 + (1 - self.beta0) * min(1.0, self.num_sampled / max(1, self.beta_steps))
@@ -287,15 +312,15 @@ class ReplayMemory:
         total = self.tree.levels[-1]  # [1]
         u = torch.rand(batch_size, dtype=torch.float64, device=self.store, generator=self.gen) * total
         idx = self.tree.find(torch.minimum(u, torch.nextafter(total, torch.zeros_like(total))))  # [B]
-        _, ret, done, disc, nxt = self._lookahead(idx)
+        ret, done, disc, nxt, _ = self._lookahead(idx, check=False)
         if self.prioritized:  # w_i = (M P_i)^-beta / max_batch w_j = (min_batch P_j / P_i)^beta
             prob = self.tree.levels[0][idx] / total
             weights = ((prob.min() / prob) ** (self.beta() if beta is None else beta)).float()
         else:
             weights = torch.ones_like(ret)
         self.num_sampled += 1
-        batch = ReplayBatch(self._stack(idx), self.actions[idx], ret, self._stack(nxt), done.float(),
-                            disc, idx, weights)
+        obs, next_obs = self._stack(torch.cat([idx, nxt])).split(batch_size)  # one gather for both
+        batch = ReplayBatch(obs, self.actions[idx], ret, next_obs, done.float(), disc, idx, weights)
         if self.store != self.device:  # host storage: one transfer per batch
             batch = ReplayBatch(*(t.to(self.device, non_blocking=True) for t in batch))
         return batch
@@ -331,8 +356,7 @@ class ReplayMemory:
                 getattr(self, k).copy_(sd[k])
         self.steps_added, self.num_sampled = sd["steps_added"], sd["num_sampled"]
         self.gen.set_state(sd["rng"])
-        leaves = self.valid * (self.prio if self.prioritized else 1.0)  # rebuild the sum tree
-        self.tree.update(torch.arange(len(leaves), device=self.store), leaves)
+        self.tree.rebuild(self.valid * (self.prio if self.prioritized else 1.0))
 
     def save(self, path: str) -> None:
         """Atomic: write a temp file, then rename, so a crash never leaves a half-written buffer."""

@@ -1,0 +1,413 @@
+"""A language model as an RL policy: sample token sequences, score them, and get per-token log-probs.
+
+An LM answering a prompt is an episode: the state is (prompt, tokens so far), the action is the next
+token, the episode ends at the end-of-turn token (or after `max_new_tokens`), and the only reward is
+a score of the final text (e.g. "is the last integer the right sum?"). PPO needs just three tensors
+per token: the log-prob the *sampler* gave the token (`Rollout.logprobs`), the log-prob the *current*
+weights give it (`LMPolicy.evaluate(...).logprobs`, with gradients), and an advantage.
+
+Tensor API (what the RL agent uses; B = batch of sequences, P = prompt length, T = completion length)
+------------------------------------------------------------------------------------------------------
+    policy  = LMPolicy.from_name("smollm2", value_head=False, reference=True)
+    ids     = policy.encode_prompts(["What is 37 + 48? Answer with just the number."] * 8)  # list[list[int]]
+    rollout = policy.generate(ids, max_new_tokens=16, temperature=1.0)                     # Rollout
+        rollout.prompt_ids      [B, P] long   left-padded with policy.pad_id
+        rollout.prompt_mask     [B, P] long   1 = real prompt token
+        rollout.completion_ids  [B, T] long   sampled tokens, right-padded with policy.pad_id
+        rollout.completion_mask [B, T] long   1 = generated token (incl. the final stop token), 0 after
+        rollout.logprobs        [B, T] float  log-prob of each sampled token (0 where mask = 0)
+        rollout.finished        [B]    bool   stopped on a stop token (False = cut by max_new_tokens)
+        rollout.texts           list[str]     decoded completions: for the reward checker ONLY
+    mb      = rollout[idx]                                      # minibatch (slice / index tensor)
+    stats   = policy.evaluate(mb, temperature=1.0, with_entropy=True)    # ONE forward, with grad
+        stats.logprobs [B, T], stats.entropy [B, T] | None, stats.values [B, T] | None (value head)
+    ratio   = (stats.logprobs - mb.logprobs).exp()              # = 1 on-policy, up to float error
+    ref_lp  = policy.ref_token_logprobs(mb)                     # [B, T], frozen initial weights
+    kl      = kl_k3(stats.logprobs, ref_lp, mb.completion_mask)  # scalar, >= 0
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
+
+Conventions the agent can rely on:
+  * Token ids from sampling go straight into training; text is never re-tokenized (re-tokenizing
+    "85" may give different ids than were sampled, and then the log-probs are of other actions).
+  * Every per-token tensor is exactly 0 where completion_mask == 0, so exp(new - old) = 1 there and
+    masked sums never meet inf/NaN. Multiply by the mask (or use `masked_mean`) anyway.
+  * values[:, t] is V(prompt + completion[:t]): the value of the state in which token t is chosen,
+    read from the same hidden state as the logits of token t. With one reward at the end of the
+    sequence and gamma = 1, GAE over the T tokens (masked) is the usual PPO-with-critic recipe.
+  * Temperature: `logprobs` are under softmax(logits / temperature), the distribution we sample from
+    *before* top-p truncation (the TRL / verl convention). The training pass can recompute exactly
+    that with one log_softmax, so the on-policy ratio is 1; a top-p-truncated log-prob would need
+    the same truncation set in training, and tokens near the cut would flip in and out of it. With
+    top_p = 1 (the default, and what we use for RL) the two are the same thing. Use the same
+    temperature in `generate` and `evaluate`.
+  * Position ids: with left padding, a token's position is the number of real tokens before it
+    (cumsum(mask) - 1), in generation (prompt pass and every cached step) and in `evaluate`.
+    RoPE only sees position *differences*, so the trap is the cached steps: completion token t must
+    sit at n_real + t, not at the padded length P + t (that would open a gap of P - n_real between
+    prompt and answer, and sampling and training would score different sequences).
+  * Memory: `evaluate` materializes float32 logits [B, T, V] (V = 49152 for SmolLM2, i.e. 200 KB per
+    token): evaluate minibatches of a few thousand tokens at a time (`rollout[idx]`).
+  * dtype: float32 on CPU gives sampling == training log-probs to ~1e-6. In bfloat16 (CUDA default)
+    the cached and full forward passes round differently, so expect ratios of 1 +- ~1e-2.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from llm_bridge.models import load_lm
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled completions (see the module docstring for shapes and conventions)."""
+
+    prompt_ids: Tensor  # [B, P] long, left-padded
+    prompt_mask: Tensor  # [B, P] long
+    completion_ids: Tensor  # [B, T] long, right-padded
+    completion_mask: Tensor  # [B, T] long
+    logprobs: Tensor  # [B, T] float32, sampling-time log-probs
+    finished: Tensor  # [B] bool
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def __getitem__(self, idx: slice | Tensor | Sequence[int]) -> Rollout:
+        """Rows `idx` (a slice, an index list/tensor as from torch.randperm, or a bool mask): for minibatches."""
+        if isinstance(idx, int):
+            raise TypeError("index a Rollout with a slice or a list/tensor of indices (it keeps the batch dim)")
+        if isinstance(idx, slice):
+            rows = list(range(len(self)))[idx]
+        else:
+            idx = torch.as_tensor(idx)
+            rows = (idx.nonzero().squeeze(-1) if idx.dtype == torch.bool else idx).tolist()
+        sel = torch.as_tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
+        return Rollout(
+            prompt_ids=self.prompt_ids[sel],
+            prompt_mask=self.prompt_mask[sel],
+            completion_ids=self.completion_ids[sel],
+            completion_mask=self.completion_mask[sel],
+            logprobs=self.logprobs[sel],
+            finished=self.finished[sel],
+            texts=[self.texts[i] for i in rows],
+        )
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(prompt_ids, prompt_mask, completion_ids, completion_mask): what `evaluate` needs."""
+        return self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(
+            *(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
+                                      self.completion_mask, self.logprobs, self.finished)),
+            texts=self.texts,
+        )
+
+
+@dataclass
+class TokenStats:
+    """Per-token outputs of one training forward pass; all [B, T] and 0 where completion_mask == 0."""
+
+    logprobs: Tensor
+    entropy: Tensor | None = None  # entropy of softmax(logits / temperature), if asked for
+    values: Tensor | None = None  # value-head output, if the policy has a value head
+
+
+TokenBatch = Rollout | tuple[Tensor, Tensor, Tensor, Tensor]  # a Rollout or its .tensors()
+
+
+class LMPolicy(nn.Module):
+    """A causal LM (+ optional value head, + optional frozen reference copy) as a token-level policy."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        value_head: bool = False,
+        reference: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer has no pad token; load it with llm_bridge.load_lm (which sets one)")
+        self.pad_id: int = tokenizer.pad_token_id
+        self.stop_token_ids: list[int] = _stop_ids(model, tokenizer)  # EOS and <|im_end|>
+        param = next(model.parameters())
+        # Value head: hidden state -> scalar, kept in float32 even when the LM is bf16 (a value
+        # target of e.g. 0.73 should not be rounded to 8 bits of mantissa). Small init: V ~ 0 at start.
+        self.value_head: nn.Linear | None = None
+        if value_head:
+            self.value_head = nn.Linear(model.config.hidden_size, 1, device=param.device, dtype=torch.float32)
+            nn.init.normal_(self.value_head.weight, std=1e-3)
+            nn.init.zeros_(self.value_head.bias)
+        # Reference model: a frozen copy of the *initial* weights, for a KL penalty / KL logging.
+        # It is a registered submodule (moves with .to(), saved in state_dict so a resumed run keeps
+        # the same reference) but has requires_grad=False: use trainable_parameters() for optimizers.
+        self.ref_model: PreTrainedModel | None = None
+        if reference:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str = "smollm2",
+        device: str = "auto",
+        dtype: str = "auto",
+        value_head: bool = False,
+        reference: bool = False,
+        seed: int = 0,
+    ) -> LMPolicy:
+        """`load_lm(name, device, dtype, seed=seed)` wrapped as a policy."""
+        model, tokenizer = load_lm(name, device=device, dtype=dtype, seed=seed)
+        return cls(model, tokenizer, value_head=value_head, reference=reference)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> LMPolicy:
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()  # the reference never trains, not even its dropout
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LM weights + value head; never the frozen reference."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------ text <-> ids
+
+    def encode_prompts(self, prompts: Sequence[str], chat: bool = True, system: str | None = None) -> list[list[int]]:
+        """Token ids for each prompt. chat=True wraps it as a user turn with the chat template and
+        appends the assistant header (add_generation_prompt), so the model answers as the assistant."""
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts takes a list of prompts, not a single string; wrap it: [prompt]")
+        out = []
+        for prompt in prompts:
+            if chat:
+                messages = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": prompt}
+                ]
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                out.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                out.append(self.tokenizer(prompt)["input_ids"])
+        return out
+
+    def decode(self, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
+        """Completions as text (special tokens such as <|im_end|> dropped): for reward checkers and logs."""
+        rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids.cpu(), completion_mask.cpu())]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def pad_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Left-pad to [B, P] so that every prompt ends in column P-1 and completions line up."""
+        if len(prompt_ids) == 0 or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("generate needs a non-empty list of non-empty prompts (token id lists)")
+        P = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, P - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+        generator: torch.Generator | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> Rollout:
+        """Sample (or greedily decode) up to `max_new_tokens` tokens per prompt, with a KV cache.
+
+        Each sequence stops after its first stop token (default: EOS and <|im_end|>); the batch stops
+        when all have. `generator` (on the policy's device) makes sampling reproducible.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}; for argmax decoding use greedy=True")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        stops = torch.as_tensor(list(stop_token_ids or self.stop_token_ids), dtype=torch.long, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            return self._sample_loop(prompt_ids, max_new_tokens, temperature, top_p, greedy, generator, stops)
+        finally:
+            self.train(was_training)
+
+    def _sample_loop(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
+                     greedy: bool, generator: torch.Generator | None, stops: Tensor) -> Rollout:
+        """The decoding loop of `generate`: one prompt pass that fills the KV cache, then one
+        single-token forward pass per new token."""
+        prompt, prompt_mask = self.pad_prompts(prompt_ids)  # [B, P]
+        B = prompt.shape[0]
+        # Prompt pass: fill the KV cache, keep only the last position's logits ([B, 1, V], not [B, P, V]).
+        cache = DynamicCache(config=self.model.config)
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P] pads get 0; they are masked anyway
+        out = self.model(input_ids=prompt, attention_mask=prompt_mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()  # [B, V]
+        next_position = prompt_mask.sum(-1)  # [B] position of completion token 0 = number of real prompt tokens
+        attention_mask = prompt_mask
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        tokens, logps, alive = [], [], []
+        for t in range(max_new_tokens):
+            token, logp = _sample(logits, temperature, top_p, greedy, generator)  # [B], [B]
+            token = torch.where(done, self.pad_id, token)  # finished rows emit padding
+            alive.append(~done)
+            tokens.append(token)
+            logps.append(torch.where(done, 0.0, logp))
+            done = done | torch.isin(token, stops)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            # One cached step: the new token attends to everything so far (finished rows too: their
+            # outputs are thrown away), at position = (real prompt length) + t.
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            out = self.model(input_ids=token[:, None], attention_mask=attention_mask,
+                             position_ids=(next_position + t)[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+
+        completion_ids = torch.stack(tokens, dim=1)  # [B, T]
+        completion_mask = torch.stack(alive, dim=1).long()  # [B, T]
+        return Rollout(
+            prompt_ids=prompt,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            logprobs=torch.stack(logps, dim=1),
+            finished=done,
+            texts=self.decode(completion_ids, completion_mask),
+        )
+
+    # ------------------------------------------------------------------------------------ scoring
+
+    def evaluate(self, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False) -> TokenStats:
+        """Per-token log-probs (and entropy, values) of given completions in ONE forward pass over
+        cat(prompt, completion), with gradients. This is the "new log-prob" of the PPO ratio."""
+        return self._score(self.model, batch, temperature, with_entropy, with_values=self.value_head is not None)
+
+    def token_logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
+        """[B, T] log-probs of the completion tokens under the current weights (with gradients)."""
+        return self.evaluate(batch, temperature).logprobs
+
+    @torch.no_grad()
+    def ref_token_logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
+        """[B, T] log-probs under the frozen initial weights (needs LMPolicy(..., reference=True))."""
+        if self.ref_model is None:
+            raise ValueError("this policy has no reference model; build it with LMPolicy(..., reference=True)")
+        return self._score(self.ref_model, batch, temperature, with_entropy=False, with_values=False).logprobs
+
+    def _score(self, model: PreTrainedModel, batch: TokenBatch, temperature: float,
+               with_entropy: bool, with_values: bool) -> TokenStats:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        prompt_ids, prompt_mask, completion_ids, completion_mask = _unpack(batch)
+        P, T = prompt_ids.shape[1], completion_ids.shape[1]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
+        # Same positions as in generate: a token's position = number of real tokens before it.
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+T]
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=positions).last_hidden_state  # [B, P+T, H]
+        # Token t of the completion is predicted from the hidden state one step earlier: column P-1+t.
+        h = hidden[:, P - 1 : P + T - 1]  # [B, T, H]
+        logits = model.get_output_embeddings()(h).float() / temperature  # [B, T, V]
+        log_z = logits.logsumexp(dim=-1)  # [B, T] log of the softmax normaliser
+        logprobs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_z  # [B, T]
+        valid = completion_mask.bool()
+        stats = TokenStats(logprobs=torch.where(valid, logprobs, 0.0))
+        if with_entropy:
+            # H = -sum p log p = log Z - sum p * logits
+            entropy = log_z - (logits.softmax(-1) * logits).sum(-1)  # [B, T]
+            stats.entropy = torch.where(valid, entropy, 0.0)
+        if with_values:
+            values = self.value_head(h.float()).squeeze(-1)  # [B, T]
+            stats.values = torch.where(valid, values, 0.0)
+        return stats
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x over positions where mask is 1 (scalar). 0 if the mask is empty."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def kl_k3_per_token(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per sampled token: r - log r - 1 with r = ref/pi.
+    Unbiased for tokens sampled from pi, always >= 0, and lower variance than logp - ref_logp."""
+    log_ratio = ref_logp - logp
+    return log_ratio.exp() - log_ratio - 1.0
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean of the k3 KL estimate (scalar; differentiable in logp)."""
+    return masked_mean(kl_k3_per_token(logp, ref_logp), mask)
+
+
+def _sample(logits: Tensor, temperature: float, top_p: float, greedy: bool,
+            generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Pick one token per row from logits [B, V]; return (token [B], its log-prob [B]).
+
+    The log-prob is under softmax(logits / temperature), before top-p truncation (module docstring)."""
+    logp_all = F.log_softmax(logits / temperature, dim=-1)  # [B, V]
+    if greedy:
+        token = logits.argmax(dim=-1)
+    else:
+        probs = logp_all.exp()
+        if top_p < 1.0:
+            # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p.
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before this token already >= top_p
+            sorted_p = sorted_p.masked_fill(outside, 0.0)  # the top token always survives
+            choice = torch.multinomial(sorted_p, 1, generator=generator)  # multinomial renormalises
+            token = order.gather(-1, choice).squeeze(-1)
+        else:
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return token, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+def _unpack(batch: TokenBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if isinstance(batch, Rollout):
+        return batch.tensors()
+    if isinstance(batch, (tuple, list)) and len(batch) == 4 and all(isinstance(t, Tensor) for t in batch):
+        return tuple(batch)  # type: ignore[return-value]
+    raise TypeError(
+        "expected a Rollout or a tuple (prompt_ids [B,P], prompt_mask [B,P], completion_ids [B,T], "
+        f"completion_mask [B,T]), got {type(batch).__name__}"
+    )
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS ids from the tokenizer and generation config, plus the chat end-of-turn token."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    if not ids:
+        raise ValueError("tokenizer has no EOS token; pass stop_token_ids to generate()")
+    return sorted(ids)

@@ -48,7 +48,8 @@ def _ppo_defaults(spec: GameSpec) -> PPOArgs:
 
 
 def _build_ppo(spec: GameSpec, args: PPOArgs, env, device: torch.device) -> PPO:
-    return PPO(args.ppo, env.single_observation_space, env.single_action_space, env.num_envs, device)
+    # num_envs from the config, not the env: `ponglab eval` rebuilds the agent around an env of another size.
+    return PPO(args.ppo, env.single_observation_space, env.single_action_space, args.train.num_envs, device)
 
 
 ALGOS: dict[str, AlgoSpec] = {

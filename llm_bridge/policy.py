@@ -232,11 +232,15 @@ class LMPolicy(nn.Module):
         greedy: bool = False,
         generator: torch.Generator | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        num_samples: int = 1,
     ) -> Rollout:
         """Sample (or greedily decode) up to `max_new_tokens` tokens per prompt, with a KV cache.
 
         Each sequence stops after its first stop token (default: EOS and <|im_end|>); the batch stops
         when all have. `generator` (on the policy's device) makes sampling reproducible.
+        `num_samples` > 1 samples that many completions per prompt (rows i*n .. i*n+n-1 belong to prompt i):
+        the prompt pass runs once per distinct prompt and its KV cache is repeated, which saves most of the
+        prompt cost of a GRPO-style group.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -248,22 +252,31 @@ class LMPolicy(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._sample_loop(prompt_ids, max_new_tokens, temperature, top_p, greedy, generator, stops)
+            return self._sample_loop(prompt_ids, max_new_tokens, temperature, top_p, greedy, generator, stops,
+                                     num_samples)
         finally:
             self.train(was_training)
 
     def _sample_loop(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
-                     greedy: bool, generator: torch.Generator | None, stops: Tensor) -> Rollout:
+                     greedy: bool, generator: torch.Generator | None, stops: Tensor,
+                     num_samples: int = 1) -> Rollout:
         """The decoding loop of `generate`: one prompt pass that fills the KV cache, then one
         single-token forward pass per new token."""
-        prompt, prompt_mask = self.pad_prompts(prompt_ids)  # [B, P]
-        B = prompt.shape[0]
-        # Prompt pass: fill the KV cache, keep only the last position's logits ([B, 1, V], not [B, P, V]).
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        prompt, prompt_mask = self.pad_prompts(prompt_ids)  # [B0, P], one row per distinct prompt
+        # Prompt pass: fill the KV cache, keep only the last position's logits ([B0, 1, V], not [B0, P, V]).
         cache = DynamicCache(config=self.model.config)
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P] pads get 0; they are masked anyway
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [B0, P] pads get 0; they are masked anyway
         out = self.model(input_ids=prompt, attention_mask=prompt_mask, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()  # [B, V]
+        logits = out.logits[:, -1].float()  # [B0, V]
+        if num_samples > 1:  # B = B0 * n rows: each prompt's cache, mask and logits repeated n times
+            cache.batch_repeat_interleave(num_samples)
+            prompt = prompt.repeat_interleave(num_samples, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+            logits = logits.repeat_interleave(num_samples, dim=0)
+        B = prompt.shape[0]
         next_position = prompt_mask.sum(-1)  # [B] position of completion token 0 = number of real prompt tokens
         attention_mask = prompt_mask
         done = torch.zeros(B, dtype=torch.bool, device=self.device)

@@ -104,6 +104,19 @@ def test_greedy_is_deterministic_and_matches_uncached_argmax(tiny_policy: LMPoli
                 assert seq[-1] == int(a.completion_ids[i, t]), f"prompt {i} step {t}"
 
 
+def test_group_sampling_shares_the_prompt_pass(tiny_policy: LMPolicy) -> None:
+    """num_samples=n runs each prompt once and repeats its KV cache: greedy results equal repeating the prompt n
+    times, and sampled tokens still score exactly under the training pass."""
+    ids = tiny_policy.encode_prompts(["What is 1 + 2?", "Repeat the digit 7, please, many times."])
+    grouped = tiny_policy.generate(ids, 6, greedy=True, num_samples=3)
+    repeated = tiny_policy.generate([p for p in ids for _ in range(3)], 6, greedy=True)
+    assert torch.equal(grouped.completion_ids, repeated.completion_ids)
+    assert torch.equal(grouped.prompt_mask, repeated.prompt_mask)
+    sampled = tiny_policy.generate(ids, 6, num_samples=4)
+    assert len(sampled) == 8
+    assert (tiny_policy.evaluate(sampled).logprobs - sampled.logprobs).abs().max() < 1e-4
+
+
 def test_minibatch_rows_score_like_the_full_batch(tiny_policy: LMPolicy) -> None:
     """rollout[idx] keeps extra pad columns; positions come from the mask, so scores must not change."""
     policy = tiny_policy

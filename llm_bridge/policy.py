@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from agents.common import masked_mean  # the same helper the PPO loss uses
 from llm_bridge.models import load_lm
 
 
@@ -357,12 +358,6 @@ class LMPolicy(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x over positions where mask is 1 (scalar). 0 if the mask is empty."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def kl_k3_per_token(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -17,14 +17,12 @@ Needs `pip install stable-baselines3 --no-deps` (it must not upgrade torch).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import platform
+import os
 import signal
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 BUFFER, BATCH, TRAIN_FREQ, TARGET, LR = 100_000, 32, 4, 1000, 1e-4
@@ -101,9 +99,8 @@ def bench_sb3(seconds: float, device: str, num_envs: int, learning_starts: int, 
         device=device, seed=seed, verbose=0,
     )
     cb = Budget()
-    t0 = time.time()
     model.learn(total_timesteps=10_000_000, callback=cb)
-    wall = time.time() - t0
+    wall = time.time() - cb.t0  # from the start of training, like the trainer's wall_seconds
     venv.close()
     return {"steps": model.num_timesteps, "seconds": wall, "sps": model.num_timesteps / wall,
             "gradient_steps": model._n_updates}
@@ -111,24 +108,31 @@ def bench_sb3(seconds: float, device: str, num_envs: int, learning_starts: int, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=60.0, help="wall-clock budget of each library")
+    p.add_argument("--seconds", type=float, default=60.0, help="wall-clock budget of each library, per round")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--num-envs", type=int, default=1, help="envs of each library (SB3: DummyVecEnv)")
     p.add_argument("--learning-starts", type=int, default=1000, help="random steps before learning, both")
+    p.add_argument("--rounds", type=int, default=1, help="rounds; the order of the two libraries alternates")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for both (0: torch's default)")
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"DQN on Pong, {a.seconds:.0f} s each, device {a.device}, {a.num_envs} env(s), batch {BATCH}, "
           f"train_freq {TRAIN_FREQ}, buffer {BUFFER:,}, learning_starts {a.learning_starts}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    results = {}
-    for name, fn in (("ponglab", bench_ponglab), ("sb3", bench_sb3)):
-        r = fn(a.seconds, a.device, a.num_envs, a.learning_starts, a.seed)
-        results[name] = r
-        print(f"{name:8s} {r['sps']:8.1f} steps/s  ({r['steps']} env steps, {r['gradient_steps']} gradient steps "
-              f"in {r['seconds']:.1f} s)", flush=True)
-    print(f"ratio ponglab / sb3: {results['ponglab']['sps'] / results['sb3']['sps']:.2f}x")
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    sps: dict[str, list[float]] = {"ponglab": [], "sb3": []}
+    runs = (("ponglab", bench_ponglab), ("sb3", bench_sb3))
+    for k in range(a.rounds):
+        for name, fn in (runs if k % 2 == 0 else runs[::-1]):
+            r = fn(a.seconds, a.device, a.num_envs, a.learning_starts, a.seed)
+            sps[name].append(r["sps"])
+            print(f"round {k + 1} {name:8s} {r['sps']:8.1f} steps/s  ({r['steps']} env steps, "
+                  f"{r['gradient_steps']} gradient steps in {r['seconds']:.1f} s)", flush=True)
+    mean = {name: sum(v) / len(v) for name, v in sps.items()}
+    print(f"mean steps/s: ponglab {mean['ponglab']:.1f}, sb3 {mean['sb3']:.1f}; "
+          f"ratio ponglab / sb3: {mean['ponglab'] / mean['sb3']:.2f}x (load average now {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

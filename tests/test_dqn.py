@@ -111,6 +111,22 @@ def test_update_regresses_on_the_written_out_target(one_thread):
         env.close()
 
 
+def test_resume_without_replay_warms_up_again(one_thread):
+    agent, env = cartpole_agent(2, learning_starts=40)
+    play(agent, env, 50)
+    assert agent.grad_steps > 0
+    state = agent.state_dict()
+    assert "replay" not in state  # save_replay is off by default
+    fresh, env2 = cartpole_agent(2, learning_starts=40)
+    fresh.load_state_dict(state)
+    assert fresh.env_steps == 100 and fresh.learn_from == 140 and fresh.grad_steps == agent.grad_steps
+    play(fresh, env2, 19)  # 138 env steps: still refilling the memory
+    assert fresh.grad_steps == agent.grad_steps
+    play(fresh, env2, 1)
+    assert fresh.grad_steps == agent.grad_steps + 1
+    env.close(), env2.close()
+
+
 @pytest.mark.slow
 def test_dqn_learns_cartpole(tmp_path, one_thread):
     args = default_args("dqn", resolve("cartpole"))

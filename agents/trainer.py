@@ -10,7 +10,8 @@ Run folder contract (later tools rely on it):
     config.json          the resolved configuration
     events.out.tfevents* TensorBoard logs
     checkpoints/latest.pt  agent + optimizer + step counter + RNG states, written atomically
-    summary.json         algo, game, steps, wall_seconds, sps, final_eval_return_{mean,std}, final_eval_episodes
+    summary.json         algo, game, steps, wall_seconds, train_seconds (wall minus evaluations), eval_seconds,
+                         sps, final_eval_return_{mean,std}, final_eval_episodes
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class Trainer:
         self.np_rng = np.random.default_rng(config.seed)
         self.ckpt_path = self.run_dir / "checkpoints" / "latest.pt"
         self.extra_summary: dict[str, Any] = {}
+        self.eval_seconds = 0.0  # time spent in evaluate(), initial / periodic / final
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save(self) -> None:
@@ -148,6 +150,13 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, episodes: int) -> dict[str, Any]:
+        t0 = time.time()
+        try:
+            return self._evaluate(episodes)
+        finally:
+            self.eval_seconds += time.time() - t0  # kept apart, so train_seconds is the cost of learning alone
+
+    def _evaluate(self, episodes: int) -> dict[str, Any]:
         env = self.make_eval_env(self.cfg.eval_envs) if self.make_eval_env else None
         if env is None:
             return {}
@@ -167,6 +176,7 @@ class Trainer:
         if resume is None:
             logger.hparams(self.hparams)
         start_step, start_time = self.global_step, time.time()
+        self.eval_seconds = 0.0
         recent_returns: deque[float] = deque(maxlen=20)
         interrupted = False
         bar = tqdm(total=cfg.steps, initial=self.global_step, disable=not cfg.progress, unit="step",
@@ -200,10 +210,11 @@ class Trainer:
                     self.updates += 1
                     sps = (self.global_step - start_step) / max(time.time() - start_time, 1e-9)
                     logger.record("charts/SPS", sps)
+                    logger.record("charts/train_seconds", time.time() - start_time - self.eval_seconds)
                     logger.dump(self.global_step)
                     if recent_returns:
                         bar.set_postfix(sps=f"{sps:.0f}", ret=f"{np.mean(recent_returns):.2f}", refresh=False)
-                if self.global_step >= next_eval:
+                if self.global_step >= next_eval and self.global_step < cfg.steps:  # the final one follows
                     self._log_eval(logger, self.evaluate(cfg.eval_episodes))
                     next_eval += cfg.eval_every
                 if self.global_step >= next_ckpt:
@@ -215,6 +226,7 @@ class Trainer:
         finally:
             bar.close()
         wall = time.time() - start_time
+        train_seconds = wall - self.eval_seconds  # evaluations during training excluded
         self.save()
         final = {} if interrupted or not cfg.eval_episodes else self.evaluate(cfg.eval_episodes)
         if final:
@@ -225,6 +237,8 @@ class Trainer:
             "game": self.game,
             "steps": self.global_step,
             "wall_seconds": wall,
+            "train_seconds": train_seconds,
+            "eval_seconds": self.eval_seconds,
             "sps": (self.global_step - start_step) / max(wall, 1e-9),
             "updates": self.updates,
             "interrupted": interrupted,

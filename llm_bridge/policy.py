@@ -333,15 +333,7 @@ class LMPolicy(nn.Module):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         prompt_ids, prompt_mask, completion_ids, completion_mask = _unpack(batch)
-        P, T = prompt_ids.shape[1], completion_ids.shape[1]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
-        # Same positions as in generate: a token's position = number of real tokens before it.
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+T]
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=positions).last_hidden_state  # [B, P+T, H]
-        # Token t of the completion is predicted from the hidden state one step earlier: column P-1+t.
-        h = hidden[:, P - 1 : P + T - 1]  # [B, T, H]
+        h = _completion_hidden(model.get_decoder(), prompt_ids, prompt_mask, completion_ids, completion_mask)
         logits = model.get_output_embeddings()(h).float() / temperature  # [B, T, V]
         log_z = logits.logsumexp(dim=-1)  # [B, T] log of the softmax normaliser
         logprobs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_z  # [B, T]
@@ -358,6 +350,45 @@ class LMPolicy(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                       completion_mask: Tensor) -> Tensor:
+    """Hidden states [B, T, H] from which the T completion tokens are predicted (with gradients).
+
+    Token t of a completion is predicted from the hidden state one step before it: the last prompt column
+    (P-1) for t = 0, completion token t-1 after that. Positions are as in `generate`: a token's position is
+    the number of real tokens before it.
+
+    A GRPO batch holds each prompt G times. Rather than run every prompt G times, run each *distinct* prompt
+    once, fill a KV cache, copy each prompt's keys/values to its G rows, and run only the completions on top.
+    Exact (autograd sums the G rows' gradients back into the one prompt pass), and with 46 prompt tokens,
+    ~14 completion tokens and G = 4 it is ~2x less compute than one pass over [B, P+T].
+    """
+    P, T = prompt_ids.shape[1], completion_ids.shape[1]
+    # Distinct (ids, mask) rows; `inverse` [B] maps each row to its prompt in `distinct` [U, 2P].
+    distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == len(prompt_ids):  # nothing shared: one pass over prompt + completion
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+T]
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=positions).last_hidden_state  # [B, P+T, H]
+        return hidden[:, P - 1 : P + T - 1]  # [B, T, H]
+    u_ids, u_mask = distinct[:, :P], distinct[:, P:]  # [U, P] each
+    cache = DynamicCache(config=decoder.config)
+    u_hidden = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
+                       past_key_values=cache, use_cache=True).last_hidden_state  # [U, P, H]
+    first = u_hidden[inverse, -1:]  # [B, 1, H]: predicts completion token 0
+    if T == 1:
+        return first
+    cache.batch_select_indices(inverse)  # keys/values [U, heads, P, d] -> [B, heads, P, d]
+    # Completion tokens 0..T-2 on top of the cached prompt (the last token predicts nothing we score).
+    attention_mask = torch.cat([prompt_mask, completion_mask[:, : T - 1]], dim=1)  # [B, P+T-1]
+    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=prompt_ids.device)  # [B, T-1]
+    rest = decoder(input_ids=completion_ids[:, : T - 1], attention_mask=attention_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True).last_hidden_state  # [B, T-1, H]
+    return torch.cat([first, rest], dim=1)  # [B, T, H]
 
 
 def kl_k3_per_token(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -54,7 +54,7 @@ def test_cli_text_game_run_folder_and_eval(tmp_path, capsys):
           "--num-envs", "8", "--group-size", "4", "--max-new-tokens", "4", "--eval-episodes", "10",
           "--eval-envs", "5", "--no-progress"])
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("algo", "game", "steps", "wall_seconds", "sps", "final_eval_return_mean", "final_eval_return_std",
+    for key in ("algo", "game", "steps", "wall_seconds", "train_seconds", "eval_seconds", "sps", "final_eval_return_mean", "final_eval_return_std",
                 "final_eval_episodes", "initial_eval_accuracy", "final_eval_accuracy"):
         assert key in summary, key
     assert summary["game"] == "addition" and summary["final_eval_episodes"] == 10

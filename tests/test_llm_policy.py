@@ -117,6 +117,34 @@ def test_group_sampling_shares_the_prompt_pass(tiny_policy: LMPolicy) -> None:
     assert (tiny_policy.evaluate(sampled).logprobs - sampled.logprobs).abs().max() < 1e-4
 
 
+def test_shared_prompt_pass_scores_and_differentiates_like_separate_rows(tiny_policy: LMPolicy) -> None:
+    """evaluate runs each distinct prompt once and copies its KV cache to the rows that share it. Log-probs,
+    values and gradients must equal scoring every row on its own (the one-pass path), in any row order."""
+    policy = tiny_policy
+    g = torch.Generator().manual_seed(4)
+    ids = policy.encode_prompts(["What is 1 + 2?", "Repeat the digit 7, please, many times.", "hi"])
+    r = policy.generate(ids, 6, num_samples=3, generator=g, stop_token_ids=_some_of_vocab(policy))
+    r = r[torch.randperm(len(r), generator=g)]  # groups scattered, as in a shuffled minibatch
+    assert r.completion_mask.sum(1).min() < r.completion_mask.shape[1], "test needs a row that stops early"
+
+    def grads_of(batches: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        policy.zero_grad(set_to_none=True)
+        lps, vals = [], []
+        for b in batches:
+            st = policy.evaluate(b, with_entropy=True)
+            (st.logprobs.sum() + st.values.sum()).backward()
+            lps.append(st.logprobs.detach()); vals.append(st.values.detach())
+        grad = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
+        policy.zero_grad(set_to_none=True)
+        return torch.cat(lps), torch.cat(vals), grad
+
+    shared_lp, shared_v, shared_g = grads_of([r])
+    alone_lp, alone_v, alone_g = grads_of([r[[i]] for i in range(len(r))])
+    assert (shared_lp - r.logprobs).abs().max() < 1e-4
+    assert (shared_lp - alone_lp).abs().max() < 1e-4 and (shared_v - alone_v).abs().max() < 1e-4
+    assert (shared_g - alone_g).norm() < 1e-4 * alone_g.norm()
+
+
 def test_minibatch_rows_score_like_the_full_batch(tiny_policy: LMPolicy) -> None:
     """rollout[idx] keeps extra pad columns; positions come from the mask, so scores must not change."""
     policy = tiny_policy

@@ -8,7 +8,8 @@ What changes from Atari, and what does not:
   * Advantages, two ways (the difference is the lesson):
       - `group` (default, GRPO / RLOO-style): sample G completions per prompt; each one's advantage is its reward
         minus the mean reward of its group. No critic: the other samples are the baseline. A group in which
-        every sample scored the same gives zero advantage, i.e. no signal (logged as `frac_zero_std_groups`).
+        every sample scored the same gives zero advantage, i.e. no signal (logged as `frac_zero_std_groups`),
+        and is left out of the training pass (`skip_zero_advantage`): its gradient would be exactly zero.
       - `value` (PPO with a critic): a value head reads each token's hidden state; the reward arrives on the
         last token; advantages come from `agents.ppo.compute_gae` with gamma = 1 over the tokens.
   * No KL penalty by default (as in DAPO / Dr. GRPO); the KL to the initial policy is logged either way.
@@ -50,10 +51,11 @@ class LMConfig:
     """Nucleus sampling mass while training (1.0 = off)."""
     advantage: Literal["group", "value"] = "group"
     """group: reward minus the group mean (GRPO/RLOO, no critic); value: a value head and GAE (gamma=1) over tokens."""
-    scale_by_std: bool = False
-    """Divide group advantages by the group's reward std (GRPO). Off by default, as in Dr. GRPO: it over-weights
-    groups that are almost all right or all wrong."""
-    llm_lr: float = 1e-5
+    scale_by_std: bool = True
+    """Divide group advantages by the group's reward std (GRPO), so every informative group weighs alike. Dr. GRPO
+    turns it off (it over-weights groups that are almost all right or all wrong); our measured SmolLM2 runs used it
+    (benchmarks/RESULTS.md)."""
+    llm_lr: float = 5e-6
     """AdamW learning rate of the language model."""
     llm_epochs: int = 1
     """Passes over each batch of completions (1 = purely on-policy; the ratio is then 1 at the first step)."""
@@ -71,6 +73,11 @@ class LMConfig:
     """GAE lambda over tokens (advantage=value)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this."""
+    skip_zero_advantage: bool = True
+    """Leave completions whose advantage is exactly 0 out of the training pass (advantage=group, no KL or entropy
+    term). Their policy gradient is exactly 0 (advantage x grad log-prob), so this only saves their forward and
+    backward; the loss becomes the token mean over the informative completions, as with DAPO's dynamic sampling.
+    A group in which every sample scored the same is all zeros: often most of the batch once the model is good."""
     format_reward: float = 0.0
     """Extra reward for answering in exactly the requested format (e.g. a bare number). 0 = score only."""
     digits: int | None = None
@@ -170,14 +177,17 @@ class LMAgent:
             a = advantages[valid]
             advantages = torch.where(valid, (advantages - a.mean()) / (a.std() + 1e-8), 0.0)
 
-        B = len(ro)
-        mb_size = B // cfg.llm_minibatches
+        rows = torch.arange(len(ro), device=mask.device)  # the completions that go through the training pass
+        if cfg.advantage == "group" and cfg.skip_zero_advantage and cfg.kl_coef == 0 and cfg.ent_bonus == 0:
+            rows = advantages.nonzero().squeeze(-1)  # zero advantage = exactly zero gradient: skip the compute
+        metrics["charts/trained_completions"] = len(rows)
         sums: dict[str, list[float]] = {}
         self.policy.train()
-        for _epoch in range(cfg.llm_epochs):
-            perm = torch.randperm(B, device=mask.device)
-            for start in range(0, B, mb_size):
-                idx = perm[start : start + mb_size]
+        for _epoch in range(cfg.llm_epochs if len(rows) else 0):  # nothing to learn from: no step at all
+            perm = rows[torch.randperm(len(rows), device=mask.device)]
+            for idx in torch.tensor_split(perm, cfg.llm_minibatches):
+                if len(idx) == 0:
+                    continue
                 mb = ro[idx]
                 stats = self.policy.evaluate(mb, cfg.temperature, with_entropy=True)  # one forward, with grad
                 m = mb.completion_mask
@@ -232,7 +242,8 @@ class LMAgent:
 class LMArgs:
     """PPO on a text game with a language-model policy."""
 
-    train: TrainConfig = TrainConfig(steps=3_200, num_envs=32, eval_episodes=500, eval_envs=100, eval_every=640,
+    # 100 updates of 8 prompts x 4 completions: ~15 minutes of training for SmolLM2 on a 2-core CPU.
+    train: TrainConfig = TrainConfig(steps=3_200, num_envs=32, eval_episodes=500, eval_envs=100, eval_every=960,
                                      eval_at_start=True, checkpoint_every=1_000_000)
     lm: LMConfig = field(default_factory=LMConfig)
     resume: str | None = None

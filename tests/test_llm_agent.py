@@ -75,3 +75,40 @@ def test_lm_bad_hyperparameters(tmp_path, capsys, flags, message):
         main(["train", "ppo", "addition", "--model", "tiny-bytes", "--num-envs", "8", "--run-dir", str(tmp_path),
               *flags])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_zero_advantage_completions_skip_the_training_pass(monkeypatch):
+    """A group whose samples all scored the same has advantage 0 everywhere: exactly no gradient, so its rows are
+    left out of the forward/backward. The parameter step is the same as training on every row, up to the loss's
+    token-mean normaliser (informative tokens instead of all tokens)."""
+    import torch
+
+    from agents.common import Transition
+    from llm_bridge.agent import LMAgent
+
+    def step(skip: bool) -> tuple[list[int], torch.Tensor, dict]:
+        torch.manual_seed(0)
+        cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, skip_zero_advantage=skip,
+                       grad_clip=1e9)
+        agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
+        agent.optimizer = torch.optim.SGD(agent.policy.trainable_parameters(), lr=1.0)  # step = -grad, exactly
+        seen: list[int] = []
+        evaluate = agent.policy.evaluate
+        monkeypatch.setattr(agent.policy, "evaluate", lambda b, *a, **k: seen.append(len(b)) or evaluate(b, *a, **k))
+        prompts = ["What is 1 + 2?"] * 4 + ["hi"] * 4
+        agent.act(prompts)
+        reward = np.array([1, 1, 1, 1, 1, 0, 0, 1], dtype=np.float32)  # group 0: no signal; group 1: mixed
+        n = len(prompts)
+        agent.observe(Transition(prompts, agent.rollout.texts, reward, np.ones(n, bool), np.zeros(n, bool),
+                                 prompts, prompts, {"episode": {"r": reward}}))
+        before = [p.detach().clone() for p in agent.policy.trainable_parameters()]
+        metrics = agent.update(8, 8)
+        assert metrics["charts/trained_completions"] == (4 if skip else 8)
+        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(agent.policy.trainable_parameters(), before)])
+        return seen, delta, metrics
+
+    seen_skip, delta_skip, _ = step(True)
+    seen_all, delta_all, _ = step(False)
+    assert seen_skip == [4] and seen_all == [8]
+    cos = torch.nn.functional.cosine_similarity(delta_skip, delta_all, dim=0)
+    assert cos > 0.9999 and delta_skip.norm() > delta_all.norm()  # same direction, larger (fewer tokens averaged)

@@ -101,7 +101,10 @@ class PonglabSide:
         cfg = LMConfig(model=args.model, dtype=args.dtype, group_size=args.group_size,
                        max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, advantage="group",
                        scale_by_std=False, llm_lr=LR, llm_epochs=1, llm_minibatches=1, llm_clip=CLIP,
-                       ent_bonus=0.0, kl_coef=0.0, grad_clip=1.0, **extra)
+                       ent_bonus=0.0, kl_coef=0.0, grad_clip=1.0,
+                       # TRL's loss runs over every completion, zero-advantage ones included; do the same work here
+                       # (ponglab's default skips them: exact same gradient direction, far less compute early on).
+                       skip_zero_advantage=False, **extra)
         self.device = device
         self.agent = LMAgent(cfg, n, device, seed=args.seed)
         self.game = make_text_game("addition", n, seed=args.seed, group_size=args.group_size)

@@ -6,7 +6,13 @@ loop that plays Atari plays these: ``obs = prompts``, ``action = completions``, 
 episode lasts one step, and ``info["episode"]["r"]`` is the task score (so an episodic
 return is an accuracy).
 
-Answer extraction (integers), in order of precedence, on the first ``MAX_COMPLETION_CHARS``:
+Where the answer ends. The prompt asks for the answer first, so a completion is scored up to the
+blank line that closes its first paragraph holding a number (``TextTask.cut``; "37 + 48 = 85\n\nBut
+wait, the answer is 86" scores 85). Nothing the policy writes after that can change its reward,
+so the LM sampler stops there (``TextGame.answer_done``) instead of paying for, and then training
+on, tokens that the reward never read.
+
+Answer extraction (integers), in order of precedence, on the first ``MAX_COMPLETION_CHARS`` of the cut:
 
 1. the last ``\\boxed{N}``;
 2. the last "answer" tag: "Answer: 85", "The answer is **85**.", "answer = $85$";
@@ -24,6 +30,7 @@ one regex scan and scores 0.
 
 from __future__ import annotations
 
+import collections
 import random
 import re
 import string
@@ -78,6 +85,17 @@ def first_paragraph_with(text: str, pattern: re.Pattern[str]) -> str | None:
         if pattern.search(paragraph):
             return paragraph
     return None
+
+
+def cut_after_paragraph_with(text: str, pattern: re.Pattern[str]) -> str:
+    """``text`` up to the blank line that ends its first paragraph in which ``pattern`` occurs (all of it if
+    that paragraph is still open, or if no paragraph matches)."""
+    start = 0
+    for brk in _PARAGRAPH_RE.finditer(text):
+        if pattern.search(text, start, brk.start()):
+            return text[: brk.start()]
+        start = brk.end()
+    return text
 
 
 def extract_int(text: str) -> int | None:
@@ -180,6 +198,10 @@ class TextTask(Protocol):
         """True iff the completion is exactly in the format the prompt asks for (right or wrong)."""
         ...
 
+    def cut(self, completion: str) -> str:
+        """The part of a completion that is scored (optional: tasks without it score the whole text)."""
+        ...
+
 
 def _operand_range(digits: int) -> tuple[int, int]:
     if not 1 <= digits <= 9:
@@ -217,6 +239,9 @@ class Arithmetic:
         prompt = f"What is {a} {self.op} {b}? Answer with just the number."
         return Problem(prompt, answer, {"a": a, "b": b, "key": f"{a}{self.op}{b}"})
 
+    def cut(self, completion: str) -> str:
+        return cut_after_paragraph_with(completion, _NUMBER_RE)  # extract_int reads that paragraph
+
     def score(self, completion: str, problem: Problem) -> float:
         return float(extract_int(completion) == problem.answer)
 
@@ -247,6 +272,9 @@ class Sorting:
                   "Answer with just the sorted numbers, separated by commas.")
         answer = ", ".join(map(str, sorted(values)))
         return Problem(prompt, answer, {"values": values, "key": shown})
+
+    def cut(self, completion: str) -> str:
+        return cut_after_paragraph_with(completion, _DIGIT_RE)  # _answer_region's last resort
 
     def score(self, completion: str, problem: Problem) -> float:
         return float(extract_int_list(completion) == sorted(problem.meta["values"]))
@@ -281,6 +309,9 @@ class Countdown:
                   "Answer with just the expression.")
         key = f"{sorted(numbers)}->{target}"
         return Problem(prompt, solution, {"numbers": numbers, "target": target, "key": key})
+
+    def cut(self, completion: str) -> str:
+        return cut_after_paragraph_with(completion, _DIGIT_RE)  # _answer_region's last resort
 
     def score(self, completion: str, problem: Problem) -> float:
         # Any side of "lhs = rhs" that is a valid expression equal to the target counts; a bare
@@ -404,6 +435,14 @@ class TextGame:
     samples fresh problems each step (never a test problem when that is feasible);
     ``split="test"`` walks the held-out set in order from problem 0 after every ``reset``,
     so n evaluation episodes are the first n held-out problems.
+
+    ``revisit`` (training, groups of 2 or more): that fraction of each batch's groups re-asks a recent
+    problem whose group came back *mixed* (some samples right, some wrong), the most recent first, each
+    at most ``revisit_max`` times. Uniformly drawn problems are soon all right (or all wrong) for every
+    sample of a group, which gives a group baseline nothing to learn from; a mixed group is one the
+    policy is unsure of, and asking it again while it still is keeps the batch informative (in the
+    spirit of DAPO's dynamic sampling and online difficulty filtering, without discarding samples).
+    It uses the scores alone, never the held-out set.
     """
 
     def __init__(
@@ -416,6 +455,8 @@ class TextGame:
         format_reward: float = 0.0,
         test_size: int = TEST_SIZE,
         test_seed: int = TEST_SEED,
+        revisit: float = 0.0,
+        revisit_max: int = 3,
     ):
         if num_envs < 1 or group_size < 1 or num_envs % group_size:
             raise ValueError(f"num_envs ({num_envs}) must be a positive multiple of group_size ({group_size})")
@@ -425,6 +466,11 @@ class TextGame:
             raise ValueError("split='test' evaluates each held-out problem once: use group_size=1")
         self.task, self.num_envs, self.group_size, self.split = task, num_envs, group_size, split
         self.format_reward = float(format_reward)
+        if not 0.0 <= revisit <= 1.0 or revisit_max < 1:
+            raise ValueError(f"revisit must be in [0, 1] and revisit_max >= 1, got {revisit} and {revisit_max}")
+        if revisit > 0 and (split != "train" or group_size < 2):
+            raise ValueError("revisit re-asks problems whose group was mixed: it needs split='train' and group_size >= 2")
+        self.revisit, self.revisit_max = float(revisit), int(revisit_max)
         self.test_problems = test_set(task, test_size, test_seed)
         self.disjoint = is_disjoint_feasible(task, test_size)
         self._test_keys = {p.key for p in self.test_problems} if self.disjoint else set()
@@ -447,7 +493,10 @@ class TextGame:
             index = (self._cursor + np.arange(self.num_envs)) % n  # [N]
             self._cursor += self.num_envs
             return [self.test_problems[i] for i in index], index
-        groups = [self._sample_train() for _ in range(self.num_envs // self.group_size)]
+        n_groups = self.num_envs // self.group_size
+        again = [self._mixed.pop() for _ in range(min(round(self.revisit * n_groups), len(self._mixed)))]
+        self._asked = [n + 1 for _, n in again] + [0] * (n_groups - len(again))  # [groups] times re-asked
+        groups = [p for p, _ in again] + [self._sample_train() for _ in range(n_groups - len(again))]
         problems = [p for p in groups for _ in range(self.group_size)]  # slot g*G+j holds groups[g]
         return problems, np.full(self.num_envs, -1)
 
@@ -457,6 +506,8 @@ class TextGame:
             self.seed = seed
             self._rng = random.Random(f"ponglab-train:{self.task!r}:{seed}")
         self._cursor = 0
+        # Recent mixed groups, (problem, times re-asked), newest last; bounded so that stale ones fall out.
+        self._mixed: collections.deque[tuple[Problem, int]] = collections.deque(maxlen=4 * self.num_envs)
         self.problems, self.problem_index = self._next_problems()
         return [p.prompt for p in self.problems], {"problems": self.problems, "problem_index": self.problem_index}
 
@@ -468,6 +519,7 @@ class TextGame:
         if bad:
             raise TypeError(f"completions must be decoded str, got {bad[0]}")
         scored = self.problems
+        completions = [self.cut(c) for c in completions]  # what the reward reads (see answer_done)
         score = np.array([self.task.score(c, p) for c, p in zip(completions, scored)], dtype=np.float32)  # [N]
         fmt = np.array([self.task.format_ok(c, p) for c, p in zip(completions, scored)], dtype=bool)  # [N]
         reward = score + np.float32(self.format_reward) * fmt  # [N] learning signal; score alone is "r"
@@ -481,10 +533,27 @@ class TextGame:
             "problem_index": self.problem_index,
             "completion_chars": np.array([len(c) for c in completions], dtype=np.int32),
         }
+        if self.revisit > 0:
+            for g, group_score in enumerate(score.reshape(-1, self.group_size)):  # [groups, G]
+                if 0 < group_score.mean() < 1 and self._asked[g] < self.revisit_max:
+                    self._mixed.append((scored[g * self.group_size], self._asked[g]))
+            info["revisited_groups"] = sum(n > 0 for n in self._asked)
         self.problems, self.problem_index = self._next_problems()
         terminated = np.ones(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         return [p.prompt for p in self.problems], reward.astype(np.float32), terminated, truncated, info
+
+    def cut(self, completion: str) -> str:
+        """The scored part of a completion: ``task.cut`` if the task defines one, else all of it."""
+        cut = getattr(self.task, "cut", None)
+        return completion if cut is None else cut(completion)
+
+    def answer_done(self, completion: str) -> bool:
+        """True once more text cannot change the reward: ``completion`` already runs past its cut.
+
+        An LM policy checks this after every sampled token and stops the completion there (the stop
+        token is kept, like EOS): same reward, fewer tokens to generate and to train on."""
+        return len(self.cut(completion)) < len(completion)
 
     def close(self) -> None:
         pass
@@ -503,9 +572,10 @@ def make_text_game(
     split: Literal["train", "test"] = "train",
     format_reward: float = 0.0,
     test_size: int = TEST_SIZE,
+    revisit: float = 0.0,
     **task_options: Any,
 ) -> TextGame:
     """E.g. ``make_text_game("addition", num_envs=16, group_size=8, digits=3)``."""
     task = make_task(name, **task_options)
     return TextGame(task, num_envs, group_size=group_size, split=split, seed=seed,
-                    format_reward=format_reward, test_size=test_size)
+                    format_reward=format_reward, test_size=test_size, revisit=revisit)

@@ -20,6 +20,7 @@ The trainer does the rest exactly as for Atari: the loop, TensorBoard, checkpoin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -78,10 +79,17 @@ class LMConfig:
     term). Their policy gradient is exactly 0 (advantage x grad log-prob), so this only saves their forward and
     backward; the loss becomes the token mean over the informative completions, as with DAPO's dynamic sampling.
     A group in which every sample scored the same is all zeros: often most of the batch once the model is good."""
+    revisit: float = 0.0
+    """Fraction of each batch's prompts that re-ask a recent training problem whose group was mixed (some samples
+    right, some wrong): the ones with signal in them (`games.text.TextGame`; 0 = every prompt fresh)."""
     format_reward: float = 0.0
     """Extra reward for answering in exactly the requested format (e.g. a bare number). 0 = score only."""
     digits: int | None = None
     """Digits per operand for addition / multiplication (None: the task's default, 2)."""
+    stop_at_answer: bool = True
+    """End a completion as soon as the game says more text cannot change its reward (`TextGame.answer_done`:
+    the paragraph holding the answer is closed). Same rewards, fewer tokens to sample, and no gradient through
+    text the checker never read."""
     system_prompt: str | None = None
     """Optional system message put before every prompt."""
     detail_every: int = 5
@@ -105,9 +113,11 @@ class LMConfig:
 class LMAgent:
     """A language model trained by `agents.trainer.Trainer` on a text game. See `agents.common.Agent`."""
 
-    def __init__(self, cfg: LMConfig, num_envs: int, device: torch.device, seed: int = 0):
+    def __init__(self, cfg: LMConfig, num_envs: int, device: torch.device, seed: int = 0,
+                 answer_done: Callable[[str], bool] | None = None):
         cfg.validate(num_envs)
         self.cfg, self.num_envs = cfg, num_envs
+        self.answer_done = answer_done if cfg.stop_at_answer else None  # the game's "the answer has ended"
         self.policy = LMPolicy.from_name(cfg.model, device=str(device), dtype=cfg.dtype,
                                          value_head=cfg.advantage == "value", reference=True, seed=seed)
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.llm_lr, weight_decay=0.0)
@@ -115,6 +125,7 @@ class LMAgent:
         self.prompts: list[str] = []
         self.rewards: torch.Tensor | None = None  # [B]
         self.correct: np.ndarray | None = None
+        self.revisited: int | None = None  # groups of the last batch that re-asked a mixed problem
         self.updates = 0
 
     @torch.no_grad()
@@ -125,7 +136,8 @@ class LMAgent:
             n = 1  # not grouped after all (a custom env): sample each slot on its own
         ids = self.policy.encode_prompts(prompts[::n], system=self.cfg.system_prompt)
         rollout = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                       top_p=self.cfg.top_p, greedy=not explore, num_samples=n)
+                                       top_p=self.cfg.top_p, greedy=not explore, num_samples=n,
+                                       stop_text=self.answer_done)
         if explore:
             self.rollout, self.prompts = rollout, list(prompts)
         return rollout.texts  # text for the checker only: training uses rollout's token ids
@@ -133,6 +145,7 @@ class LMAgent:
     def observe(self, tr: Transition) -> None:
         self.rewards = torch.as_tensor(tr.reward, dtype=torch.float32, device=self.policy.device)
         self.correct = tr.info["episode"]["r"]
+        self.revisited = tr.info.get("revisited_groups")
 
     def ready(self) -> bool:
         return self.rollout is not None and self.rewards is not None
@@ -219,6 +232,8 @@ class LMAgent:
         metrics["charts/accuracy"] = float(np.mean(self.correct))
         metrics["charts/response_length"] = float(mask.sum(1).mean())
         metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        if self.revisited is not None:
+            metrics["charts/revisited_groups"] = self.revisited
         if detail:
             rows = [f"| {p!r} | {c!r} | {r:.2f} |" for p, c, r in
                     zip(self.prompts[:: cfg.group_size][:4], ro.texts[:: cfg.group_size][:4],
@@ -252,7 +267,8 @@ class LMArgs:
     def env_options(self, split: str) -> dict[str, Any]:
         """Options for `games.make` on a text game: groups while training, the held-out set (no groups) for eval."""
         opts: dict[str, Any] = {"split": split, "group_size": self.lm.group_size if split == "train" else 1,
-                                "format_reward": self.lm.format_reward if split == "train" else 0.0}
+                                "format_reward": self.lm.format_reward if split == "train" else 0.0,
+                                "revisit": self.lm.revisit if split == "train" else 0.0}
         if self.lm.digits is not None:
             opts["digits"] = self.lm.digits
         return opts
@@ -262,7 +278,8 @@ def register_algos(register) -> None:
     from agents.builders import AlgoSpec
 
     def build(spec, args: LMArgs, env, device):
-        return LMAgent(args.lm, args.train.num_envs, device, seed=args.train.seed)
+        return LMAgent(args.lm, args.train.num_envs, device, seed=args.train.seed,
+                       answer_done=getattr(env, "answer_done", None))
 
     register("ppo", AlgoSpec(description="PPO on a text game with a language-model policy.", args={"text": LMArgs},
                              defaults=lambda spec: LMArgs(), build=build))

@@ -16,7 +16,7 @@ Tensor API (what the RL agent uses; B = batch of sequences, P = prompt length, T
         rollout.completion_ids  [B, T] long   sampled tokens, right-padded with policy.pad_id
         rollout.completion_mask [B, T] long   1 = generated token (incl. the final stop token), 0 after
         rollout.logprobs        [B, T] float  log-prob of each sampled token (0 where mask = 0)
-        rollout.finished        [B]    bool   stopped on a stop token (False = cut by max_new_tokens)
+        rollout.finished        [B]    bool   ended by a stop token or stop_text (False = cut by max_new_tokens)
         rollout.texts           list[str]     decoded completions: for the reward checker ONLY
     mb      = rollout[idx]                                      # minibatch (slice / index tensor)
     stats   = policy.evaluate(mb, temperature=1.0, with_entropy=True)    # ONE forward, with grad
@@ -54,7 +54,7 @@ Conventions the agent can rely on:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -234,6 +234,7 @@ class LMPolicy(nn.Module):
         generator: torch.Generator | None = None,
         stop_token_ids: Sequence[int] | None = None,
         num_samples: int = 1,
+        stop_text: Callable[[str], bool] | None = None,
     ) -> Rollout:
         """Sample (or greedily decode) up to `max_new_tokens` tokens per prompt, with a KV cache.
 
@@ -242,6 +243,8 @@ class LMPolicy(nn.Module):
         `num_samples` > 1 samples that many completions per prompt (rows i*n .. i*n+n-1 belong to prompt i):
         the prompt pass runs once per distinct prompt and its KV cache is repeated, which saves most of the
         prompt cost of a GRPO-style group.
+        `stop_text(text_so_far)` (e.g. `TextGame.answer_done`), if given, is asked after every token about each
+        unfinished completion; True ends it there, the token just sampled being its last (as a stop token is).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -254,13 +257,13 @@ class LMPolicy(nn.Module):
         self.eval()
         try:
             return self._sample_loop(prompt_ids, max_new_tokens, temperature, top_p, greedy, generator, stops,
-                                     num_samples)
+                                     num_samples, stop_text)
         finally:
             self.train(was_training)
 
     def _sample_loop(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
                      greedy: bool, generator: torch.Generator | None, stops: Tensor,
-                     num_samples: int = 1) -> Rollout:
+                     num_samples: int = 1, stop_text: Callable[[str], bool] | None = None) -> Rollout:
         """The decoding loop of `generate`: one prompt pass that fills the KV cache, then one
         single-token forward pass per new token."""
         if num_samples < 1:
@@ -289,6 +292,13 @@ class LMPolicy(nn.Module):
             tokens.append(token)
             logps.append(torch.where(done, 0.0, logp))
             done = done | torch.isin(token, stops)
+            if stop_text is not None and not bool(done.all()):
+                # Rows still open have no padding yet: decode them as the reward checker will see them.
+                open_rows = (~done).nonzero().squeeze(-1).tolist()
+                so_far = torch.stack(tokens, dim=1)[open_rows].tolist()
+                texts = self.tokenizer.batch_decode(so_far, skip_special_tokens=True)
+                ended = [row for row, text in zip(open_rows, texts) if stop_text(text)]
+                done[ended] = True
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             # One cached step: the new token attends to everything so far (finished rows too: their

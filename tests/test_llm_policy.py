@@ -72,6 +72,28 @@ def test_training_logprobs_match_sampling(tiny_policy: LMPolicy, temperature: fl
     policy.zero_grad(set_to_none=True)
 
 
+def test_stop_text_ends_a_completion_at_the_first_token_that_satisfies_it(tiny_policy: LMPolicy) -> None:
+    """`generate(stop_text=...)` (the games' `answer_done`) ends each row right after the token with which its
+    decoded text first satisfies the predicate, and those tokens still score exactly in the training pass."""
+    policy = tiny_policy
+    ids = policy.encode_prompts(PROMPTS * 2)
+
+    def long_enough(text: str) -> bool:
+        return len(text) >= 4
+
+    r = policy.generate(ids, max_new_tokens=12, generator=torch.Generator().manual_seed(2), stop_text=long_enough)
+    ended = 0
+    for i in range(len(r)):
+        row = r.completion_ids[i, r.completion_mask[i].bool()].tolist()
+        before, full = (policy.tokenizer.decode(x, skip_special_tokens=True) for x in (row[:-1], row))
+        assert not long_enough(before)  # no earlier stop
+        stopped_by_token = row[-1] in policy.stop_token_ids
+        assert bool(r.finished[i]) == (stopped_by_token or long_enough(full)) or len(row) == 12
+        ended += long_enough(full) and not stopped_by_token
+    assert ended > 0 and r.completion_ids.shape[1] < 12, "test needs rows ended by stop_text"
+    assert (policy.evaluate(r).logprobs - r.logprobs).abs().max() < 1e-4
+
+
 def test_top_p_samples_only_from_nucleus(tiny_policy: LMPolicy) -> None:
     """Every token sampled with top_p lies in the nucleus of its (temperature-scaled) distribution."""
     policy = tiny_policy

@@ -247,6 +247,81 @@ def test_grouping_and_step_semantics() -> None:
         make_text_game("addition", num_envs=1, digts=3)
 
 
+CUT_CASES = [  # (completion, scored part) for addition
+    ("37 + 48 = 85\n\nBut wait, the answer is 86.", "37 + 48 = 85"),  # the first answer counts
+    ("Sure!\n\n37 + 48 = 85\n\nI hope this helps.", "Sure!\n\n37 + 48 = 85"),  # first paragraph *with* a number
+    ("85\n \t\nmore", "85"),  # a blank line may hold spaces
+    ("85\n", "85\n"),  # one newline does not end a paragraph
+    ("85", "85"),
+    ("Hmm.\n\nLet me think", "Hmm.\n\nLet me think"),  # no number yet: still open
+    ("", ""),
+]
+
+
+@pytest.mark.parametrize("text,scored", CUT_CASES)
+def test_answer_cut(text: str, scored: str) -> None:
+    env = make_text_game("addition", num_envs=1)
+    assert env.cut(text) == scored
+    assert env.answer_done(text) == (scored != text)
+
+
+@pytest.mark.parametrize("name", ["addition", "sorting", "countdown"])
+def test_text_after_answer_done_never_changes_the_reward(name: str) -> None:
+    """What justifies stopping the sampler at `answer_done`: once it is True for a prefix, no continuation of
+    that prefix scores differently. Checked for every prefix of completions built to break it."""
+    env = make_text_game(name, num_envs=1, seed=3)
+    problem = env.problems[0]
+    right = str(problem.answer)
+    completions = [f"{right}\n\nNo, the answer is 1.", "7\n\nAnswer: " + right, f"So:\n\n{right}\n\n\\boxed{{1}}",
+                   f"x\n\n{right}.\n \n{right}", f"**{right}**\n\n1, 2, 3 = 4"]
+    tails = ["", "\n\nThe answer is 0.", " = 5", f"\n\n\\boxed{{{right}}}", "\n\n1", "9"]
+    checked = 0
+    for text in completions:
+        for end in range(len(text) + 1):
+            prefix = text[:end]
+            if not env.answer_done(prefix):
+                continue
+            reward = env.task.score(env.cut(prefix), problem)
+            for tail in tails:
+                assert env.cut(prefix + tail) == env.cut(prefix)
+                assert env.task.score(env.cut(prefix + tail), problem) == reward, (prefix, tail)
+            checked += 1
+    assert checked > 10
+    # And the game scores the cut text: a later "correction" earns nothing.
+    _, reward, *_ = env.step([f"0\n\nThe answer is {right}"])
+    assert reward[0] == 0.0
+
+
+def test_revisit_re_asks_recent_mixed_groups_a_bounded_number_of_times() -> None:
+    env = make_text_game("addition", num_envs=16, group_size=4, seed=0, revisit=0.5)
+    assert env.revisit_max == 3
+
+    def answer(pattern: str) -> list[str]:
+        """One completion per slot: 'r' = right, 'w' = wrong, for the current 4 groups of 4."""
+        return [str(p.answer) if c == "r" else "-1" for p, c in zip(env.problems, pattern)]
+
+    asked = env.problems[::4]
+    _, _, _, _, info = env.step(answer("rwww" "rrrr" "wrww" "wwww"))  # groups 0 and 2 mixed
+    assert info["revisited_groups"] == 0
+    again = env.problems[::4]
+    assert again[:2] == [asked[2], asked[0]]  # the newest mixed group first, 2 of 4 groups (revisit=0.5)
+    assert all(p not in asked for p in again[2:])  # the rest are fresh draws
+    assert all(len(set(env.problems[g * 4 : g * 4 + 4])) == 1 for g in range(4))  # still groups of 4
+    # Keep the first group mixed: it is re-asked revisit_max = 3 times, then no more.
+    seen = 1
+    for _ in range(5):
+        problem = env.problems[0]
+        _, _, _, _, info = env.step(answer("rwww" "wwww" "wwww" "wwww"))
+        if env.problems[0] != problem:
+            break
+        seen += 1
+    assert seen == 3, seen
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        make_text_game("addition", num_envs=4, revisit=0.5)
+    with pytest.raises(ValueError, match="revisit must be"):
+        make_text_game("addition", num_envs=4, group_size=2, revisit=1.5)
+
+
 def test_test_split_walks_held_out_set_in_order() -> None:
     env = make_text_game("multiplication", num_envs=4, split="test")
     held_out = test_set(make_task("multiplication"))

@@ -236,7 +236,7 @@ class Trainer:
             "algo": self.algo,
             "game": self.game,
             "steps": self.global_step,
-            "wall_seconds": wall,
+            "wall_seconds": time.time() - start_time,  # all of it: wall = train_seconds + eval_seconds + saving
             "train_seconds": train_seconds,
             "eval_seconds": self.eval_seconds,
             "sps": (self.global_step - start_step) / max(wall, 1e-9),

@@ -89,9 +89,10 @@ def first_paragraph_with(text: str, pattern: re.Pattern[str]) -> str | None:
 
 def cut_after_paragraph_with(text: str, pattern: re.Pattern[str]) -> str:
     """``text`` up to the blank line that ends its first paragraph in which ``pattern`` occurs (all of it if
-    that paragraph is still open, or if no paragraph matches)."""
+    that paragraph is still open, or if no paragraph matches). Like extraction, it reads only the first
+    ``MAX_COMPLETION_CHARS`` (later text is never scored anyway)."""
     start = 0
-    for brk in _PARAGRAPH_RE.finditer(text):
+    for brk in _PARAGRAPH_RE.finditer(text, 0, MAX_COMPLETION_CHARS):
         if pattern.search(text, start, brk.start()):
             return text[: brk.start()]
         start = brk.end()

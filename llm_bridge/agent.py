@@ -19,8 +19,8 @@ The trainer does the rest exactly as for Atari: the loop, TensorBoard, checkpoin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np

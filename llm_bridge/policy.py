@@ -47,12 +47,17 @@ Conventions the agent can rely on:
     prompt and answer, and sampling and training would score different sequences).
   * Memory: `evaluate` materializes float32 logits [B, T, V] (V = 49152 for SmolLM2, i.e. 200 KB per
     token): evaluate minibatches of a few thousand tokens at a time (`rollout[idx]`).
-  * dtype: float32 on CPU gives sampling == training log-probs to ~1e-6. In bfloat16 (CUDA default)
-    the cached and full forward passes round differently, so expect ratios of 1 +- ~1e-2.
+  * dtype: float32 on CPU gives sampling == training log-probs to ~1e-6. With bfloat16 matmuls (CUDA
+    default) the cached and full forward passes round differently, so expect ratios of 1 +- ~1e-2.
+  * Mixed precision (CUDA default, `dtype="mixed"`): the weights stay float32 and the forward passes run
+    under bfloat16 autocast. Pure bfloat16 weights would not train at RL learning rates: an AdamW step
+    moves a weight by about lr = 5e-6, while bfloat16 resolves only ~0.4% of a weight (2^-8 relative;
+    ~1e-4 for a typical 0.02), so >90% of the updates round to nothing (`test_mixed_precision_keeps_small_steps`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,7 +68,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.common import masked_mean  # the same helper the PPO loss uses
-from llm_bridge.models import load_lm
+from llm_bridge.models import load_lm, resolve_device
 
 
 @dataclass
@@ -134,9 +139,12 @@ class LMPolicy(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         value_head: bool = False,
         reference: bool = False,
+        autocast: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        # Forward passes (sampling and scoring) run under torch.autocast(autocast) when set: mixed precision.
+        self.autocast_dtype = autocast
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; load it with llm_bridge.load_lm (which sets one)")
@@ -167,9 +175,13 @@ class LMPolicy(nn.Module):
         reference: bool = False,
         seed: int = 0,
     ) -> LMPolicy:
-        """`load_lm(name, device, dtype, seed=seed)` wrapped as a policy."""
-        model, tokenizer = load_lm(name, device=device, dtype=dtype, seed=seed)
-        return cls(model, tokenizer, value_head=value_head, reference=reference)
+        """`load_lm(name, device, dtype, seed=seed)` wrapped as a policy.
+
+        dtype: "auto" ("mixed" on CUDA, "float32" on CPU), "mixed" (float32 weights, bfloat16 autocast),
+        or a weights dtype for `load_lm` ("float32", "bfloat16", "float16") with no autocast."""
+        weights, autocast = policy_precision(dtype, resolve_device(device))
+        model, tokenizer = load_lm(name, device=device, dtype=weights, seed=seed)
+        return cls(model, tokenizer, value_head=value_head, reference=reference, autocast=autocast)
 
     @property
     def device(self) -> torch.device:
@@ -180,6 +192,12 @@ class LMPolicy(nn.Module):
         if self.ref_model is not None:
             self.ref_model.eval()  # the reference never trains, not even its dropout
         return self
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast over the float32 weights in mixed precision; a no-op otherwise."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LM weights + value head; never the frozen reference."""
@@ -256,8 +274,9 @@ class LMPolicy(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._sample_loop(prompt_ids, max_new_tokens, temperature, top_p, greedy, generator, stops,
-                                     num_samples, stop_text)
+            with self._precision():
+                return self._sample_loop(prompt_ids, max_new_tokens, temperature, top_p, greedy, generator, stops,
+                                         num_samples, stop_text)
         finally:
             self.train(was_training)
 
@@ -343,8 +362,9 @@ class LMPolicy(nn.Module):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         prompt_ids, prompt_mask, completion_ids, completion_mask = _unpack(batch)
-        h = _completion_hidden(model.get_decoder(), prompt_ids, prompt_mask, completion_ids, completion_mask)
-        logits = model.get_output_embeddings()(h).float() / temperature  # [B, T, V]
+        with self._precision():
+            h = _completion_hidden(model.get_decoder(), prompt_ids, prompt_mask, completion_ids, completion_mask)
+            logits = model.get_output_embeddings()(h).float() / temperature  # [B, T, V]
         log_z = logits.logsumexp(dim=-1)  # [B, T] log of the softmax normaliser
         logprobs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_z  # [B, T]
         valid = completion_mask.bool()
@@ -360,6 +380,15 @@ class LMPolicy(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def policy_precision(dtype: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """(weights dtype for load_lm, autocast dtype or None) for a policy's `dtype` setting (see from_name)."""
+    if dtype == "auto":
+        dtype = "mixed" if device.type == "cuda" else "float32"
+    if dtype == "mixed":
+        return "float32", torch.bfloat16
+    return dtype, None
 
 
 def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,

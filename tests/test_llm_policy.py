@@ -17,6 +17,7 @@ import torch
 
 from llm_bridge import LMPolicy, Rollout, byte_tokenizer, kl_k3, kl_k3_per_token, load_lm, smollm2_gguf_path, tiny_lm
 from llm_bridge import models as models_module
+from llm_bridge.policy import policy_precision
 
 PROMPTS = ["hi", "What is 37 + 48? Answer with just the number.", "Name a color", "2+2="]
 
@@ -297,12 +298,43 @@ def test_smollm2_loads_offline_and_answers() -> None:
     assert diff < 1e-3, diff
 
 
+def _changed_fraction_after_one_step(dtype: str) -> float:
+    """Fraction of the LM's weight elements (with a nonzero gradient) that one AdamW step at lr 5e-6 moves."""
+    policy = LMPolicy.from_name("tiny", device="cpu", dtype=dtype)
+    r = policy.generate(policy.encode_prompts(PROMPTS), max_new_tokens=6,
+                        generator=torch.Generator().manual_seed(0))
+    params = [p for p in policy.model.parameters() if p.dim() == 2]  # the matrices: embeddings, projections
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=5e-6, weight_decay=0.0)
+    (-policy.token_logprobs(r).sum()).backward()
+    optimizer.step()
+    moved = sum(int(((p.detach() != b) & (p.grad != 0)).sum()) for p, b in zip(params, before))
+    return moved / sum(int((p.grad != 0).sum()) for p in params)
+
+
+def test_mixed_precision_keeps_small_steps() -> None:
+    """The CUDA default keeps float32 weights under bfloat16 autocast: in pure bfloat16 most AdamW steps of an
+    RL learning rate round away (module docstring), so the model would barely train."""
+    assert policy_precision("auto", torch.device("cuda")) == ("float32", torch.bfloat16)
+    assert policy_precision("auto", torch.device("cpu")) == ("float32", None)
+    assert policy_precision("bfloat16", torch.device("cuda")) == ("bfloat16", None)
+    mixed = LMPolicy.from_name("tiny", device="cpu", dtype="mixed", value_head=True)
+    assert next(mixed.model.parameters()).dtype == torch.float32 and mixed.autocast_dtype == torch.bfloat16
+    r = mixed.generate(mixed.encode_prompts(PROMPTS), max_new_tokens=8, generator=torch.Generator().manual_seed(1))
+    stats = mixed.evaluate(r, with_entropy=True)
+    valid = r.completion_mask.bool()
+    assert (stats.logprobs - r.logprobs)[valid].abs().max() < 0.1  # bf16 rounding: ratio ~1, not exactly 1
+    assert stats.values.dtype == torch.float32 and torch.isfinite(stats.entropy).all()
+    assert _changed_fraction_after_one_step("mixed") > 0.99
+    assert _changed_fraction_after_one_step("bfloat16") < 0.5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_bfloat16_generation_and_scoring() -> None:
-    """On CUDA the default dtype is bfloat16: cached and full passes round differently, so the
-    on-policy ratio is 1 only approximately (module docstring); check it stays close."""
+def test_cuda_mixed_precision_generation_and_scoring() -> None:
+    """On CUDA the default is mixed precision (float32 weights, bfloat16 autocast): cached and full passes
+    round differently, so the on-policy ratio is 1 only approximately (module docstring); check it stays close."""
     policy = LMPolicy.from_name("tiny", device="cuda", value_head=True, reference=True)
-    assert next(policy.model.parameters()).dtype == torch.bfloat16
+    assert next(policy.model.parameters()).dtype == torch.float32 and policy.autocast_dtype == torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
     r = policy.generate(policy.encode_prompts(PROMPTS), max_new_tokens=8, generator=gen)
     assert r.completion_ids.device.type == "cuda"

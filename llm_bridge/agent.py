@@ -74,6 +74,9 @@ class LMConfig:
     """Weight of the value loss (advantage=value)."""
     value_lambda: float = 0.95
     """GAE lambda over tokens (advantage=value)."""
+    value_lr: float = 1e-4
+    """AdamW learning rate of the value head (advantage=value). The head is a new linear layer: at the LM's 5e-6 an
+    Adam step moves each of its weights by ~5e-6, and it would stay near its initial 0 for thousands of updates."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this."""
     skip_zero_advantage: bool = True
@@ -106,8 +109,8 @@ class LMConfig:
         for name in ("max_new_tokens", "llm_epochs", "llm_minibatches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
-        if self.llm_lr <= 0:
-            raise ValueError(f"llm_lr must be positive, got {self.llm_lr}.")
+        if self.llm_lr <= 0 or self.value_lr <= 0:
+            raise ValueError(f"llm_lr and value_lr must be positive, got {self.llm_lr} and {self.value_lr}.")
         if self.dtype not in ("auto", "mixed", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: use auto, mixed, float32, bfloat16 or float16.")
         if num_envs % self.llm_minibatches:
@@ -124,7 +127,13 @@ class LMAgent:
         self.answer_done = answer_done if cfg.stop_at_answer else None  # the game's "the answer has ended"
         self.policy = LMPolicy.from_name(cfg.model, device=str(device), dtype=cfg.dtype,
                                          value_head=cfg.advantage == "value", reference=True, seed=seed)
-        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.llm_lr, weight_decay=0.0)
+        head = self.policy.value_head
+        head_params = list(head.parameters()) if head is not None else []
+        lm_params = [p for p in self.policy.trainable_parameters() if all(p is not h for h in head_params)]
+        groups = [{"params": lm_params, "lr": cfg.llm_lr}]  # group 0: the LM (charts/learning_rate)
+        if head_params:
+            groups.append({"params": head_params, "lr": cfg.value_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.rollout: Rollout | None = None  # the completions of the last act(explore=True)
         self.prompts: list[str] = []
         self.rewards: torch.Tensor | None = None  # [B]
@@ -179,6 +188,14 @@ class LMAgent:
         adv, ret = compute_gae(token_rewards.T, values.T, next_values.T, end.T, end.T, 1.0, self.cfg.value_lambda)
         return adv.T * mask, ret.T * mask, values
 
+    @staticmethod
+    def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+        """1 - Var(returns - values) / Var(returns) over the completion tokens: 1 = perfect critic, 0 = no better
+        than a constant, < 0 = worse."""
+        v, r = values[mask.bool()], returns[mask.bool()]
+        var = r.var() if len(r) > 1 else r.new_zeros(())
+        return float("nan") if var == 0 else float(1 - (r - v).var() / var)
+
     def update(self, global_step: int, total_steps: int) -> dict[str, Any]:
         cfg, ro, rewards = self.cfg, self.rollout, self.rewards
         assert ro is not None and rewards is not None
@@ -190,6 +207,8 @@ class LMAgent:
             metrics.update(extra)
         else:
             advantages, returns, old_values = self._value_advantages(ro, rewards)  # [B, T]
+            metrics["losses/explained_variance"] = self._explained_variance(old_values, returns, mask)
+            metrics["charts/value_mean"] = float(old_values[mask.bool()].mean())
             valid = mask.bool()
             a = advantages[valid]
             advantages = torch.where(valid, (advantages - a.mean()) / (a.std() + 1e-8), 0.0)

@@ -112,3 +112,29 @@ def test_zero_advantage_completions_skip_the_training_pass(monkeypatch):
     assert seen_skip == [4] and seen_all == [8]
     cos = torch.nn.functional.cosine_similarity(delta_skip, delta_all, dim=0)
     assert cos > 0.9999 and delta_skip.norm() > delta_all.norm()  # same direction, larger (fewer tokens averaged)
+
+
+def test_value_head_has_its_own_learning_rate():
+    """The value head is a new layer: at an LM's learning rate (here 1e-6) it would not move, and `--advantage value`
+    would have no critic. With its own `value_lr` it learns a constant reward of 1 within a few updates."""
+    import torch
+
+    from agents.common import Transition
+    from llm_bridge.agent import LMAgent
+
+    def value_mean_after(value_lr: float, updates: int = 12) -> float:
+        torch.manual_seed(0)
+        cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-6, value_lr=value_lr,
+                       advantage="value")
+        agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
+        assert [g["lr"] for g in agent.optimizer.param_groups] == [1e-6, value_lr]
+        prompts, reward = ["What is 1 + 2?"] * 4 + ["hi"] * 4, np.ones(8, dtype=np.float32)
+        for _ in range(updates + 1):
+            agent.act(prompts)
+            agent.observe(Transition(prompts, agent.rollout.texts, reward, np.ones(8, bool), np.zeros(8, bool),
+                                     prompts, prompts, {"episode": {"r": reward}}))
+            metrics = agent.update(8, 8)
+        return metrics["charts/value_mean"]  # V on the last batch, before its update
+
+    assert value_mean_after(1e-2) > 0.5
+    assert abs(value_mean_after(1e-6)) < 0.05

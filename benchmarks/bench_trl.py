@@ -5,7 +5,7 @@ Same machine, same process, same model (SmolLM2-135M-Instruct, float32), same ta
 completions), same --max-new-tokens, temperature 1, one optimizer step per batch, no KL term, and the same
 loss recipe on both sides: token-level clipped PPO loss averaged over all tokens of the batch (TRL
 `loss_type="dapo"`), advantage = reward - group mean without std scaling (TRL `scale_rewards="none"`),
-AdamW (torch.optim.AdamW, lr 1e-5, no weight decay, constant lr), grad-norm clip 1.0, no gradient
+AdamW (fused=True on both sides, lr 1e-5, no weight decay, constant lr), grad-norm clip 1.0, no gradient
 checkpointing, no mixed precision.
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/bench_trl.py --steps 5
@@ -246,7 +246,7 @@ def build_trl(args: argparse.Namespace, device: torch.device, ponglab: PonglabSi
         max_completion_length=args.max_new_tokens,
         temperature=1.0, top_p=1.0, top_k=0,
         beta=0.0, epsilon=CLIP, loss_type="dapo", scale_rewards="none",
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch_fused",
         max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, fp16=False,
         use_vllm=False, use_cpu=device.type == "cpu",
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,

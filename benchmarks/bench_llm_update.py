@@ -1,0 +1,121 @@
+"""What each speed-up of an LM RL step buys, side by side in one process (SmolLM2-135M, 2-digit addition).
+
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/bench_llm_update.py --rounds 6
+
+One RL step of `ponglab train ppo addition` is: sample 8 prompts x 4 completions (`LMPolicy.generate`), one
+forward + backward over the completions with signal (`LMPolicy.evaluate`; here a fixed 16 of the 32, as a typical
+update trains 8-16), and one AdamW step. Each variant below switches on one more speed-up, in this order:
+
+  baseline      float32; torch.multinomial sampler; every distinct prompt run whole; AdamW's per-tensor loop
+  +sampler      one uniform per row and a search in the cumulative sum (`policy._inverse_cdf`)
+  +prefix       the columns that all prompts share (chat template, "What is ") run once (`policy._prefill`)
+  +fused        `torch.optim.AdamW(fused=True)`: one kernel over all 135M weights
+  +bf16         float32 weights, forward passes under bfloat16 autocast (`--dtype mixed`; the CPU default
+                where the CPU has AVX512-BF16 or AMX)
+
+The variants run in rounds (round r runs every variant once, in turn), so a change in machine load hits all of
+them alike; the first round is a warm-up. Completions always run to --max-new-tokens (no stop token): the same
+work in every variant. Reported: the median seconds of generation, training pass, optimizer step and the whole
+step, and the speed-up of each variant over the baseline.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede `import torch`
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+import llm_bridge.policy as policy_module
+from llm_bridge import LMPolicy, load_lm
+
+VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16")
+
+
+def multinomial(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The sampler before: one exponential variate per vocabulary entry and row."""
+    return torch.multinomial(weights, 1, generator=generator).squeeze(-1)
+
+
+def whole_prompts(model, ids, mask, cache, **kwargs):
+    """The prompt pass before: every prompt run whole, shared columns included."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, **kwargs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=6, help="measured rounds (after one warm-up round)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--train-rows", type=int, default=16, help="completions in the training pass")
+    ap.add_argument("--max-new-tokens", type=int, default=12, help="tokens per completion (~ the trained answer)")
+    args = ap.parse_args()
+    if args.rounds < 1 or args.train_rows > args.prompts * args.group_size:
+        ap.error("--rounds must be >= 1 and --train-rows <= prompts x group size")
+
+    model, tokenizer = load_lm("smollm2", device="cpu", dtype="float32")
+    plain = LMPolicy(model, tokenizer)  # both wrap the same weights
+    mixed = LMPolicy(model, tokenizer, autocast=torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizers = {False: torch.optim.AdamW(params, lr=1e-9, weight_decay=0.0),  # lr ~0: the weights stay put
+                  True: torch.optim.AdamW(params, lr=1e-9, weight_decay=0.0, fused=True)}
+    rng = random.Random(0)
+    originals = (policy_module._inverse_cdf, policy_module._prefill)
+
+    def step(variant: str) -> tuple[float, float, float]:
+        on = VARIANTS.index(variant)
+        policy_module._inverse_cdf = originals[0] if on >= 1 else multinomial
+        policy_module._prefill = originals[1] if on >= 2 else whole_prompts
+        policy, optimizer = (mixed if on >= 4 else plain), optimizers[on >= 3]
+        prompts = [f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}? Answer with just the number."
+                   for _ in range(args.prompts)]
+        t0 = time.perf_counter()
+        rollout = policy.generate(policy.encode_prompts(prompts), args.max_new_tokens,
+                                  num_samples=args.group_size, stop_token_ids=[-1])  # -1: never stop early
+        t1 = time.perf_counter()
+        batch = rollout[torch.arange(args.train_rows)]
+        policy.train()
+        stats = policy.evaluate(batch, with_entropy=True)
+        loss = -(stats.logprobs * batch.completion_mask).sum() / batch.completion_mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t2 = time.perf_counter()
+        optimizer.step()
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2
+
+    times: dict[str, list[tuple[float, float, float]]] = {v: [] for v in VARIANTS}
+    try:
+        for r in range(args.rounds + 1):
+            for v in VARIANTS:
+                t = step(v)
+                if r > 0:
+                    times[v].append(t)
+            print(f"round {r}{' (warm-up)' if r == 0 else ''} done", flush=True)
+    finally:
+        policy_module._inverse_cdf, policy_module._prefill = originals
+
+    print(f"\nSmolLM2-135M-Instruct, {torch.get_num_threads()} threads, {args.prompts} x {args.group_size} "
+          f"completions of {args.max_new_tokens} tokens, {args.train_rows} in the training pass; "
+          f"median of {args.rounds} rounds, seconds")
+    print(f"{'variant':<10} {'generate':>9} {'train':>7} {'optim':>7} {'step':>7} {'vs baseline':>12}")
+    base = None
+    for v in VARIANTS:
+        g, tr, o = (statistics.median(c) for c in zip(*times[v]))
+        total = statistics.median(sum(t) for t in times[v])
+        base = base or total
+        print(f"{v:<10} {g:9.2f} {tr:7.2f} {o:7.2f} {total:7.2f} {base / total:11.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -47,9 +47,10 @@ Conventions the agent can rely on:
     prompt and answer, and sampling and training would score different sequences).
   * Memory: `evaluate` materializes float32 logits [B, T, V] (V = 49152 for SmolLM2, i.e. 200 KB per
     token): evaluate minibatches of a few thousand tokens at a time (`rollout[idx]`).
-  * dtype: float32 on CPU gives sampling == training log-probs to ~1e-6. With bfloat16 matmuls (CUDA
-    default) the cached and full forward passes round differently, so expect ratios of 1 +- ~1e-2.
-  * Mixed precision (CUDA default, `dtype="mixed"`): the weights stay float32 and the forward passes run
+  * dtype: float32 gives sampling == training log-probs to ~1e-6. With bfloat16 matmuls (the default on CUDA
+    and on CPUs with AVX512-BF16 / AMX) the cached and full forward passes round differently, so expect ratios
+    of 1 +- ~1e-2.
+  * Mixed precision (that default, `dtype="mixed"`): the weights stay float32 and the forward passes run
     under bfloat16 autocast. Pure bfloat16 weights would not train at RL learning rates: an AdamW step
     moves a weight by about lr = 5e-6, while bfloat16 resolves only ~0.4% of a weight (2^-8 relative;
     ~1e-4 for a typical 0.02), so >90% of the updates round to nothing (`test_mixed_precision_keeps_small_steps`).

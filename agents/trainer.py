@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -59,6 +61,10 @@ class TrainConfig:
     """Write checkpoints/latest.pt every this many steps (and always at the end or on Ctrl-C)."""
     progress: bool = True
     """Show a progress bar with steps/s and the recent episodic return."""
+    train_minutes: float = 0.0
+    """Stop once this many minutes have gone into training (evaluations excluded), then evaluate as at the end of
+    a run; `summary.json` says `"stopped_by": "train_minutes"` (0: no limit, stop at `steps`). Counts this
+    invocation only: a resumed run gets the budget afresh."""
 
     def validate(self) -> None:
         for name in ("steps", "num_envs", "eval_envs", "checkpoint_every"):
@@ -66,6 +72,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.eval_episodes < 0 or self.eval_every < 0:
             raise ValueError("eval_episodes and eval_every must be >= 0.")
+        if not self.train_minutes >= 0:
+            raise ValueError(f"train_minutes must be >= 0 (0 = no limit), got {self.train_minutes}.")
 
 
 def evaluate(agent: Agent, env, episodes: int, video: list | None = None) -> dict[str, Any]:
@@ -178,11 +186,16 @@ class Trainer:
         start_step, start_time = self.global_step, time.time()
         self.eval_seconds = 0.0
         recent_returns: deque[float] = deque(maxlen=20)
-        interrupted = False
+        interrupted, stopped_by = False, "steps"
+        budget = cfg.train_minutes * 60 if cfg.train_minutes else math.inf  # seconds of training, evals excluded
         bar = tqdm(total=cfg.steps, initial=self.global_step, disable=not cfg.progress, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         next_ckpt = self.global_step + cfg.checkpoint_every
         next_eval = self.global_step + cfg.eval_every if cfg.eval_every else math.inf
+        # SIGTERM (`kill`, a job scheduler, `timeout`) ends a run the way Ctrl-C does: save, then exit. It also
+        # covers background jobs, for which the shell ignores SIGINT.
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
         try:
             if cfg.eval_at_start and resume is None and cfg.eval_episodes:
                 ev = self.evaluate(cfg.eval_episodes)
@@ -210,10 +223,14 @@ class Trainer:
                     self.updates += 1
                     sps = (self.global_step - start_step) / max(time.time() - start_time, 1e-9)
                     logger.record("charts/SPS", sps)
-                    logger.record("charts/train_seconds", time.time() - start_time - self.eval_seconds)
+                    trained = time.time() - start_time - self.eval_seconds
+                    logger.record("charts/train_seconds", trained)
                     logger.dump(self.global_step)
                     if recent_returns:
                         bar.set_postfix(sps=f"{sps:.0f}", ret=f"{np.mean(recent_returns):.2f}", refresh=False)
+                    if trained >= budget:  # checked after an update, so the budget's last update is complete
+                        stopped_by = "train_minutes"
+                        break
                 if self.global_step >= next_eval and self.global_step < cfg.steps:  # the final one follows
                     self._log_eval(logger, self.evaluate(cfg.eval_episodes))
                     next_eval += cfg.eval_every
@@ -225,6 +242,8 @@ class Trainer:
             bar.write(f"Interrupted at step {self.global_step}: saving checkpoint and summary to {self.run_dir}")
         finally:
             bar.close()
+            if on_main_thread:
+                signal.signal(signal.SIGTERM, previous_term)
         wall = time.time() - start_time
         train_seconds = wall - self.eval_seconds  # evaluations during training excluded
         self.save()
@@ -242,6 +261,7 @@ class Trainer:
             "sps": (self.global_step - start_step) / max(wall, 1e-9),
             "updates": self.updates,
             "interrupted": interrupted,
+            "stopped_by": "interrupt" if interrupted else stopped_by,
             "final_eval_return_mean": final.get("return_mean"),
             "final_eval_return_std": final.get("return_std"),
             "final_eval_episodes": final.get("episodes", 0),
@@ -263,6 +283,10 @@ class Trainer:
         if self.score_name != "return":
             logger.record(f"eval/{self.score_name}", ev["return_mean"])
         logger.dump(self.global_step)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -12,6 +12,14 @@ update trains 8-16), and one AdamW step. Each variant below switches on one more
   +fused        `torch.optim.AdamW(fused=True)`: one kernel over all 135M weights
   +bf16         float32 weights, forward passes under bfloat16 autocast (`--dtype mixed`; the CPU default
                 where the CPU has AVX512-BF16 or AMX)
+  +nodes        sampling runs one forward per distinct (prompt, tokens so far), not per row
+                (`policy.SHARE_SAMPLING_NODES`)
+  +stems        the training pass runs the completion tokens that all rows of a prompt share once
+                (`policy.SHARE_COMPLETION_STEMS`)
+
+Completions here are real samples from SmolLM2 (answers to "What is A + B?"), so how many tokens the rows of a
+group share is what the model writes; `--answer-stop` ends them where the text game's checker stops reading,
+as the trainer does, and `--train-rows` picks the rows of whole groups.
 
 The variants run in rounds (round r runs every variant once, in turn), so a change in machine load hits all of
 them alike; the first round is a warm-up. Completions always run to --max-new-tokens (no stop token): the same
@@ -31,12 +39,16 @@ import random
 import statistics
 import time
 
+from pathlib import Path
+
 import torch
 
 import llm_bridge.policy as policy_module
+from agents.checkpoint import load_checkpoint
+from games import make
 from llm_bridge import LMPolicy, load_lm
 
-VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16")
+VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16", "+nodes", "+stems")
 
 
 def multinomial(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -58,11 +70,21 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--train-rows", type=int, default=16, help="completions in the training pass")
     ap.add_argument("--max-new-tokens", type=int, default=12, help="tokens per completion (~ the trained answer)")
+    ap.add_argument("--from-run", default=None,
+                    help="load the LM from this run folder's checkpoint (a model mid-training writes like one)")
+    ap.add_argument("--answer-stop", action="store_true",
+                    help="stop completions at EOS and where the addition checker stops reading, as in training "
+                         "(default: always --max-new-tokens tokens, the same work in every variant)")
     args = ap.parse_args()
     if args.rounds < 1 or args.train_rows > args.prompts * args.group_size:
         ap.error("--rounds must be >= 1 and --train-rows <= prompts x group size")
 
     model, tokenizer = load_lm("smollm2", device="cpu", dtype="float32")
+    if args.from_run:
+        state = load_checkpoint(Path(args.from_run) / "checkpoints" / "latest.pt")["agent"]["policy"]
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    game = make("addition", num_envs=args.prompts * args.group_size, group_size=args.group_size)
+    stops = dict(stop_text=game.answer_done) if args.answer_stop else dict(stop_token_ids=[-1])  # -1: never stops
     plain = LMPolicy(model, tokenizer)  # both wrap the same weights
     mixed = LMPolicy(model, tokenizer, autocast=torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -75,12 +97,14 @@ def main() -> None:
         on = VARIANTS.index(variant)
         policy_module._inverse_cdf = originals[0] if on >= 1 else multinomial
         policy_module._prefill = originals[1] if on >= 2 else whole_prompts
+        policy_module.SHARE_SAMPLING_NODES = on >= 5
+        policy_module.SHARE_COMPLETION_STEMS = on >= 6
         policy, optimizer = (mixed if on >= 4 else plain), optimizers[on >= 3]
         prompts = [f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}? Answer with just the number."
                    for _ in range(args.prompts)]
         t0 = time.perf_counter()
         rollout = policy.generate(policy.encode_prompts(prompts), args.max_new_tokens,
-                                  num_samples=args.group_size, stop_token_ids=[-1])  # -1: never stop early
+                                  num_samples=args.group_size, **stops)
         t1 = time.perf_counter()
         batch = rollout[torch.arange(args.train_rows)]
         policy.train()
@@ -104,8 +128,9 @@ def main() -> None:
             print(f"round {r}{' (warm-up)' if r == 0 else ''} done", flush=True)
     finally:
         policy_module._inverse_cdf, policy_module._prefill = originals
+        policy_module.SHARE_SAMPLING_NODES = policy_module.SHARE_COMPLETION_STEMS = True
 
-    print(f"\nSmolLM2-135M-Instruct, {torch.get_num_threads()} threads, {args.prompts} x {args.group_size} "
+    print(f"\nSmolLM2-135M-Instruct{' from ' + args.from_run if args.from_run else ''}, {torch.get_num_threads()} threads, {args.prompts} x {args.group_size} "
           f"completions of {args.max_new_tokens} tokens, {args.train_rows} in the training pass; "
           f"median of {args.rounds} rounds, seconds")
     print(f"{'variant':<10} {'generate':>9} {'train':>7} {'optim':>7} {'step':>7} {'vs baseline':>12}")

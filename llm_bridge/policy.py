@@ -71,6 +71,12 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from agents.common import masked_mean  # the same helper the PPO loss uses
 from llm_bridge.models import load_lm, resolve_device
 
+# Two exact savings, on by default; the switches exist so that benchmarks/bench_llm_update.py can measure each.
+SHARE_SAMPLING_NODES = True
+"""generate: one forward pass per distinct (prompt, tokens so far), not per row (`LMPolicy._sample_loop`)."""
+SHARE_COMPLETION_STEMS = True
+"""evaluate: the completion tokens that all rows of a prompt share run once (`_completion_hidden`)."""
+
 
 @dataclass
 class Rollout:
@@ -285,26 +291,32 @@ class LMPolicy(nn.Module):
                      greedy: bool, generator: torch.Generator | None, stops: Tensor,
                      num_samples: int = 1, stop_text: Callable[[str], bool] | None = None) -> Rollout:
         """The decoding loop of `generate`: one prompt pass that fills the KV cache, then one
-        single-token forward pass per new token."""
+        single-token forward pass per new token.
+
+        The forward passes run per *node*, not per row: a node is a distinct (prompt, tokens so far), and rows
+        that have sampled the same tokens from the same prompt share one (same context, same next-token
+        distribution, from which each row still draws its own token). A group's samples of an addition answer
+        repeat the question before the sum ("37 + 48 = "), so for most steps 8 nodes stand for 32 rows; a node
+        splits when its rows draw different tokens, and finished rows leave the batch. Exact: it changes what
+        is computed, not what is sampled."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         prompt, prompt_mask = self.pad_prompts(prompt_ids)  # [B0, P], one row per distinct prompt
         # Prompt pass: fill the KV cache, keep only the last position's logits ([B0, 1, V], not [B0, P, V]).
         cache = DynamicCache(config=self.model.config)
         out = _prefill(self.model, prompt, prompt_mask, cache, logits_to_keep=1)
-        logits = out.logits[:, -1].float()  # [B0, V]
-        if num_samples > 1:  # B = B0 * n rows: each prompt's cache, mask and logits repeated n times
-            cache.batch_repeat_interleave(num_samples)
-            prompt = prompt.repeat_interleave(num_samples, dim=0)
-            prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
-            logits = logits.repeat_interleave(num_samples, dim=0)
+        logits = out.logits[:, -1].float()  # [N, V], one row per node; the nodes start as the B0 prompts
+        node_mask = prompt_mask  # [N, P + t] attention mask of each node
+        node_position = prompt_mask.sum(-1)  # [N] position of completion token 0 = number of real prompt tokens
+        B0 = prompt.shape[0]
+        node = torch.arange(B0, device=self.device).repeat_interleave(num_samples)  # [B] each row's node
+        prompt = prompt.repeat_interleave(num_samples, dim=0)  # [B, P]: rows i*n .. i*n+n-1 are prompt i's
+        prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
         B = prompt.shape[0]
-        next_position = prompt_mask.sum(-1)  # [B] position of completion token 0 = number of real prompt tokens
-        attention_mask = prompt_mask
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         tokens, logps, alive = [], [], []
         for t in range(max_new_tokens):
-            token, logp = _sample(logits, temperature, top_p, greedy, generator)  # [B], [B]
+            token, logp = _sample(logits[node], temperature, top_p, greedy, generator)  # [B], [B]
             token = torch.where(done, self.pad_id, token)  # finished rows emit padding
             alive.append(~done)
             tokens.append(token)
@@ -319,12 +331,22 @@ class LMPolicy(nn.Module):
                 done[ended] = True
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            # One cached step: the new token attends to everything so far (finished rows too: their
-            # outputs are thrown away), at position = (real prompt length) + t.
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            out = self.model(input_ids=token[:, None], attention_mask=attention_mask,
-                             position_ids=(next_position + t)[:, None], past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
+            # The next nodes: distinct (node, token) pairs among the open rows.
+            open_rows = (~done).nonzero().squeeze(-1)  # [B']
+            pairs = torch.stack([node[open_rows], token[open_rows]], dim=1)  # [B', 2]
+            if not SHARE_SAMPLING_NODES:
+                pairs = torch.cat([pairs, open_rows[:, None]], dim=1)  # the row in the key: a node per row
+            next_nodes, node[open_rows] = torch.unique(pairs, dim=0, return_inverse=True)  # [N', 2+], [B']
+            node[done] = 0  # finished rows read any node's logits; what they draw is replaced by padding
+            parent, node_token = next_nodes[:, 0], next_nodes[:, 1]  # [N'] each
+            if len(parent) != len(node_mask) or bool((parent != torch.arange(len(parent), device=self.device)).any()):
+                cache.batch_select_indices(parent)  # keys/values follow their nodes (split, or rows finished)
+                node_mask, node_position = node_mask[parent], node_position[parent]
+            # One cached step per node: the new token attends to everything so far, at position P_real + t.
+            node_mask = torch.cat([node_mask, node_mask.new_ones(len(parent), 1)], dim=1)
+            out = self.model(input_ids=node_token[:, None], attention_mask=node_mask,
+                             position_ids=(node_position + t)[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()  # [N', V]
 
         completion_ids = torch.stack(tokens, dim=1)  # [B, T]
         completion_mask = torch.stack(alive, dim=1).long()  # [B, T]
@@ -397,17 +419,21 @@ def policy_precision(dtype: str, device: torch.device) -> tuple[str, torch.dtype
     return dtype, None
 
 
-def _prefill(model: nn.Module, ids: Tensor, mask: Tensor, cache: DynamicCache, **kwargs):
+def _prefill(model: nn.Module, ids: Tensor, mask: Tensor, cache: DynamicCache, max_shared: int | None = None,
+             **kwargs):
     """Run left-padded prompts [U, P] into `cache` and return the model's output for the last call.
 
     Leading columns that every row shares (ids and mask alike: a chat template's system prompt and the task's
     opening words, 27 of the 46 tokens of an addition prompt for SmolLM2) run once, for one row, and their
     keys/values are copied to the U rows; only the rest runs per row. Exact: identical columns give identical
     keys/values, and autograd sums the U rows' gradients back into the one shared pass. The output covers the
-    columns of the last call only (the last column is always among them)."""
+    columns of the last call only, P - k of them for a shared prefix of k columns (the last column is always
+    among them); `max_shared` caps k, so that the output covers at least the last P - max_shared columns."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, P] pads get 0; they are masked anyway
     same = ((ids == ids[:1]) & (mask == mask[:1])).all(dim=0)  # [P] column identical in every row
     k = int(same.long().cumprod(0).sum())  # length of the shared prefix
+    if max_shared is not None:
+        k = min(k, max_shared)
     if len(ids) > 1 and 0 < k < ids.shape[1]:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # no logits for the prefix
         decoder(input_ids=ids[:1, :k], attention_mask=mask[:1, :k], position_ids=positions[:1, :k],
@@ -426,12 +452,18 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     (P-1) for t = 0, completion token t-1 after that. Positions are as in `generate`: a token's position is
     the number of real tokens before it.
 
-    A GRPO batch holds each prompt G times. Rather than run every prompt G times, run each *distinct* prompt
-    once, fill a KV cache, copy each prompt's keys/values to its G rows, and run only the completions on top.
-    Exact (autograd sums the G rows' gradients back into the one prompt pass), and with 46 prompt tokens,
-    ~14 completion tokens and G = 4 it is ~2x less compute than one pass over [B, P+T].
+    A GRPO batch holds each prompt G times, and the G completions of a prompt often begin alike: an addition
+    answer "37 + 48 = 85" repeats the question before the sum, so the G samples share their first ~8 tokens
+    and differ, if at all, in the digits. Rather than run each row whole, run each *distinct* prompt once
+    together with the longest completion prefix that all its rows share (its "stem"), fill a KV cache, copy
+    each stem's keys/values to its rows, and run only the rest of each completion on top. Exact: identical
+    tokens in identical contexts have identical hidden states, and autograd sums the rows' gradients back
+    into the one shared pass. With 46 prompt tokens, 12 completion tokens of which 8 are shared, and G = 4, it
+    is ~3x less compute than one pass over [B, P+T].
     """
-    P, T = prompt_ids.shape[1], completion_ids.shape[1]
+    B, P = prompt_ids.shape
+    T = completion_ids.shape[1]
+    device = prompt_ids.device
     # Distinct (ids, mask) rows; `inverse` [B] maps each row to its prompt in `distinct` [U, 2P].
     distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
     if len(distinct) == len(prompt_ids):  # nothing shared: one pass over prompt + completion
@@ -441,19 +473,58 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=positions).last_hidden_state  # [B, P+T, H]
         return hidden[:, P - 1 : P + T - 1]  # [B, T, H]
-    u_ids, u_mask = distinct[:, :P], distinct[:, P:]  # [U, P] each
+    U = len(distinct)
+    lengths = completion_mask.sum(-1)  # [B] real completion tokens per row
+    # The stem of prompt u: the first L_u completion tokens, equal in all its rows. L_u <= (shortest row) - 1,
+    # so that the rows' last tokens are predicted by rows of their own (and identical rows share all but none).
+    rep = torch.zeros(U, dtype=torch.long, device=device).scatter_(0, inverse, torch.arange(B, device=device))
+    agree = (completion_ids == completion_ids[rep[inverse]]) & completion_mask.bool()  # [B, T] vs the u's row
+    prefix = agree.long().cumprod(-1).sum(-1)  # [B] tokens equal to the representative row's
+    cap = (lengths - 1).clamp(min=0)  # [B]
+    stem = torch.minimum(prefix, cap) if SHARE_COMPLETION_STEMS else torch.zeros_like(cap)  # [B]
+    stem_u = torch.full((U,), T, dtype=torch.long, device=device).scatter_reduce(0, inverse, stem, "amin")  # [U]
+    L = int(stem_u.max())
+    # Stems [U, L + P], left-padded: (pads) + prompt u + its stem tokens, ending in the last shared column.
+    E = L + P
+    cols = torch.arange(E, device=device)  # [E]
+    start = L - stem_u  # [U] extra left padding
+    u_prompt_ids, u_prompt_mask = completion_ids.new_full((U, E), 0), prompt_mask.new_zeros((U, E))
+    in_prompt = (cols >= start[:, None]) & (cols < (start + P)[:, None])  # [U, E]
+    in_stem = cols >= (start + P)[:, None]  # [U, E]
+    src_prompt = (cols - start[:, None]).clamp(0, P - 1)  # [U, E] column in the prompt
+    src_stem = (cols - start[:, None] - P).clamp(0, max(T - 1, 0))  # [U, E] column in the completion
+    rows_u = rep[:, None].expand(U, E)
+    u_ids = torch.where(in_prompt, prompt_ids[rows_u, src_prompt],
+                        torch.where(in_stem, completion_ids[rows_u, src_stem], u_prompt_ids))
+    u_mask = torch.where(in_prompt, prompt_mask[rows_u, src_prompt],
+                         torch.where(in_stem, torch.ones_like(u_prompt_mask), u_prompt_mask))
     cache = DynamicCache(config=decoder.config)
-    u_hidden = _prefill(decoder, u_ids, u_mask, cache).last_hidden_state  # [U, <= P, H]
-    first = u_hidden[inverse, -1:]  # [B, 1, H]: predicts completion token 0
-    if T == 1:
-        return first
-    cache.batch_select_indices(inverse)  # keys/values [U, heads, P, d] -> [B, heads, P, d]
-    # Completion tokens 0..T-2 on top of the cached prompt (the last token predicts nothing we score).
-    attention_mask = torch.cat([prompt_mask, completion_mask[:, : T - 1]], dim=1)  # [B, P+T-1]
-    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=prompt_ids.device)  # [B, T-1]
-    rest = decoder(input_ids=completion_ids[:, : T - 1], attention_mask=attention_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True).last_hidden_state  # [B, T-1, H]
-    return torch.cat([first, rest], dim=1)  # [B, T, H]
+    # The last L + 1 columns hold what predicts completion tokens 0..L: keep them out of the shared prefix.
+    u_hidden = _prefill(decoder, u_ids, u_mask, cache, max_shared=E - 1 - L).last_hidden_state  # [U, E', H]
+    offset = E - u_hidden.shape[1]  # columns of u_ids not in u_hidden
+    # Tokens t <= L_u are predicted from the stem pass: column E - 1 - L_u + t of prompt u.
+    t = torch.arange(T, device=device)  # [T]
+    stem_b = stem_u[inverse]  # [B]
+    shared = t[None, :] <= stem_b[:, None]  # [B, T]
+    col = (E - 1 - stem_b[:, None] + t[None, :]).clamp(max=E - 1) - offset  # [B, T]
+    hidden = u_hidden[inverse[:, None], col]  # [B, T, H]
+    # The rest of each row: its tokens L_u .. n-2 on top of its prompt's stem, predicting tokens L_u+1 .. n-1.
+    R = int((lengths - 1 - stem_b).clamp(min=0).max()) if B else 0
+    if R == 0:
+        return hidden
+    r = torch.arange(R, device=device)  # [R]
+    src = (stem_b[:, None] + r[None, :]).clamp(max=T - 1)  # [B, R]
+    rest_mask = (stem_b[:, None] + r[None, :] <= lengths[:, None] - 2).long()  # [B, R]
+    rest_ids = torch.where(rest_mask.bool(), completion_ids.gather(1, src), completion_ids.new_zeros(()))
+    cache.batch_select_indices(inverse)  # keys/values [U, heads, E, d] -> [B, heads, E, d]
+    attention_mask = torch.cat([u_mask[inverse], rest_mask], dim=1)  # [B, E + R]
+    positions = u_mask[inverse].sum(-1, keepdim=True) + r[None, :]  # [B, R]
+    rest = decoder(input_ids=rest_ids, attention_mask=attention_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True).last_hidden_state  # [B, R, H]
+    # Token t > L_u is predicted by rest column t - 1 - L_u.
+    rest_col = (t[None, :] - 1 - stem_b[:, None]).clamp(0, R - 1)  # [B, T]
+    from_rest = rest.gather(1, rest_col[..., None].expand(B, T, rest.shape[-1]))  # [B, T, H]
+    return torch.where(shared[..., None], hidden, from_rest)  # [B, T, H]
 
 
 def kl_k3_per_token(logp: Tensor, ref_logp: Tensor) -> Tensor:

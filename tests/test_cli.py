@@ -102,6 +102,30 @@ def test_logged_episodic_return_is_the_raw_score(tmp_path):
     assert max(logged) > 20 and all(r % 5 == 0 for r in logged)  # raw points, not a count of hits
 
 
+class SlowLearner(AlwaysFire):
+    """Learns after every step, and each update takes 50 ms: a run whose training time is known."""
+
+    def ready(self):
+        return True
+
+    def update(self, global_step, total_steps):
+        time.sleep(0.05)
+        return {}
+
+
+def test_train_minutes_stops_after_the_budget_and_still_evaluates(tmp_path):
+    env = make("cartpole", num_envs=2, seed=1)
+    cfg = TrainConfig(steps=1_000_000, num_envs=2, eval_episodes=2, eval_envs=2, progress=False,
+                      train_minutes=0.5 / 60)  # 0.5 s of training: ~10 updates of 50 ms
+    summary = Trainer(SlowLearner(), env, cfg, tmp_path / "budget", algo="scripted", game="cartpole",
+                      make_eval_env=lambda n: make("cartpole", num_envs=n, seed=99)).run()
+    assert summary["stopped_by"] == "train_minutes" and not summary["interrupted"]
+    assert 0.5 <= summary["train_seconds"] < 5.0 and 2 * 5 <= summary["steps"] < 2 * 100
+    assert summary["final_eval_episodes"] == 2  # the final evaluation still runs
+    with pytest.raises(ValueError, match="train_minutes"):
+        TrainConfig(train_minutes=-1).validate()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -136,7 +160,9 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, capsys):
         main(["eval", str(tmp_path / "nowhere")])
 
 
-def test_ctrl_c_saves_checkpoint_and_summary(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_checkpoint_and_summary(tmp_path, sig):
+    """Ctrl-C, and SIGTERM (kill, timeout, job schedulers; background jobs ignore SIGINT), save and exit."""
     run = tmp_path / "int"
     proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "train", "ppo", "cartpole", "--run-dir", str(run),
                              "--steps", "100000000", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -145,7 +171,7 @@ def test_ctrl_c_saves_checkpoint_and_summary(tmp_path):
     while not list(run.glob("events.out.tfevents*")) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(2.0)  # let it train a little
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     summary = json.loads((run / "summary.json").read_text())

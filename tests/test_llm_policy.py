@@ -132,7 +132,16 @@ def test_group_sampling_shares_the_prompt_pass(tiny_policy: LMPolicy) -> None:
     """num_samples=n runs each prompt once and repeats its KV cache: greedy results equal repeating the prompt n
     times, and sampled tokens still score exactly under the training pass."""
     ids = tiny_policy.encode_prompts(["What is 1 + 2?", "Repeat the digit 7, please, many times."])
-    grouped = tiny_policy.generate(ids, 6, greedy=True, num_samples=3)
+    fed: list[tuple[int, ...]] = []
+    hook = tiny_policy.model.get_decoder().get_input_embeddings().register_forward_hook(
+        lambda m, i, o: fed.append(tuple(i[0].shape)))
+    try:
+        grouped = tiny_policy.generate(ids, 6, greedy=True, num_samples=3)
+    finally:
+        hook.remove()
+    # Greedy rows of one prompt never part: each decoding step runs one node per prompt, not one per row.
+    steps = [shape for shape in fed if shape[1] == 1]
+    assert len(steps) == grouped.completion_mask.shape[1] - 1 and all(shape[0] <= 2 for shape in steps), fed
     repeated = tiny_policy.generate([p for p in ids for _ in range(3)], 6, greedy=True)
     assert torch.equal(grouped.completion_ids, repeated.completion_ids)
     assert torch.equal(grouped.prompt_mask, repeated.prompt_mask)
@@ -166,6 +175,54 @@ def test_shared_prompt_pass_scores_and_differentiates_like_separate_rows(tiny_po
     alone_lp, alone_v, alone_g = grads_of([r[[i]] for i in range(len(r))])
     assert (shared_lp - r.logprobs).abs().max() < 1e-4
     assert (shared_lp - alone_lp).abs().max() < 1e-4 and (shared_v - alone_v).abs().max() < 1e-4
+    assert (shared_g - alone_g).norm() < 1e-4 * alone_g.norm()
+
+
+def test_shared_completion_stems_score_and_differentiate_like_separate_rows(tiny_policy: LMPolicy) -> None:
+    """The G completions of a prompt often begin alike ("37 + 48 = " before the sum): evaluate runs each prompt
+    with the completion tokens that all its rows share once, and only the rest per row. Log-probs, values and
+    gradients must equal scoring every row on its own, for rows that diverge, rows that are identical, rows of
+    different lengths and a prompt with one row, and the per-row pass must see only the unshared tokens."""
+    policy = tiny_policy
+    ids = policy.encode_prompts(["What is 1 + 2?", "Name a color", "hi"])
+    prompt, mask = policy.pad_prompts(ids)  # [3, P], left-padded
+    rows = [  # (prompt, completion tokens): prompt 0's rows share 3 tokens, 2 of them are identical
+        (0, [20, 21, 22, 23, 24]), (0, [20, 21, 22, 23, 25]), (0, [20, 21, 22, 23, 24]), (0, [20, 21, 22, 26]),
+        (1, [30, 31, 32]),  # alone: all but its last prediction come from the shared pass
+        (2, [40]), (2, [40]),  # one token each
+    ]
+    T = max(len(c) for _, c in rows)
+    comp = torch.full((len(rows), T), policy.pad_id)
+    comp_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (_, c) in enumerate(rows):
+        comp[i, : len(c)], comp_mask[i, : len(c)] = torch.tensor(c), 1
+    which = torch.tensor([u for u, _ in rows])
+    r = Rollout(prompt[which], mask[which], comp, comp_mask, torch.zeros(len(rows), T),
+                torch.ones(len(rows), dtype=torch.bool), [""] * len(rows))
+    r = r[torch.randperm(len(r), generator=torch.Generator().manual_seed(0))]  # groups scattered
+    fed: list[tuple[int, ...]] = []
+    hook = policy.model.get_decoder().get_input_embeddings().register_forward_hook(
+        lambda m, i, o: fed.append(tuple(i[0].shape)))
+
+    def grads_of(batches: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        policy.zero_grad(set_to_none=True)
+        lps, vals = [], []
+        for b in batches:
+            st = policy.evaluate(b, with_entropy=True)
+            (st.logprobs.sum() + st.values.pow(2).sum() + st.entropy.sum()).backward()
+            lps.append(st.logprobs.detach()); vals.append(st.values.detach())
+        grad = torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
+        policy.zero_grad(set_to_none=True)
+        return torch.cat(lps), torch.cat(vals), grad
+
+    try:
+        shared_lp, shared_v, shared_g = grads_of([r])
+        assert fed[-1] == (len(rows), 1), fed  # the rest: prompt 0's rows 0-2 have one unshared input token
+        alone_lp, alone_v, alone_g = grads_of([r[[i]] for i in range(len(r))])
+    finally:
+        hook.remove()
+    assert (shared_lp - alone_lp).abs().max() < 1e-4 and (shared_v - alone_v).abs().max() < 1e-4
+    assert (shared_lp[r.completion_mask == 0] == 0).all()
     assert (shared_g - alone_g).norm() < 1e-4 * alone_g.norm()
 
 

@@ -11,7 +11,7 @@ Run folder contract (later tools rely on it):
     events.out.tfevents* TensorBoard logs
     checkpoints/latest.pt  agent + optimizer + step counter + RNG states, written atomically
     summary.json         algo, game, steps, wall_seconds, train_seconds (wall minus evaluations), eval_seconds,
-                         sps, final_eval_return_{mean,std}, final_eval_episodes
+                         sps, final_eval_return_{mean,std}, final_eval_episodes, interrupted, stopped_by
 """
 
 from __future__ import annotations

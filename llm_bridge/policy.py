@@ -484,30 +484,20 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     stem = torch.minimum(prefix, cap) if SHARE_COMPLETION_STEMS else torch.zeros_like(cap)  # [B]
     stem_u = torch.full((U,), T, dtype=torch.long, device=device).scatter_reduce(0, inverse, stem, "amin")  # [U]
     L = int(stem_u.max())
-    # Stems [U, L + P], left-padded: (pads) + prompt u + its stem tokens, ending in the last shared column.
-    E = L + P
-    cols = torch.arange(E, device=device)  # [E]
-    start = L - stem_u  # [U] extra left padding
-    u_prompt_ids, u_prompt_mask = completion_ids.new_full((U, E), 0), prompt_mask.new_zeros((U, E))
-    in_prompt = (cols >= start[:, None]) & (cols < (start + P)[:, None])  # [U, E]
-    in_stem = cols >= (start + P)[:, None]  # [U, E]
-    src_prompt = (cols - start[:, None]).clamp(0, P - 1)  # [U, E] column in the prompt
-    src_stem = (cols - start[:, None] - P).clamp(0, max(T - 1, 0))  # [U, E] column in the completion
-    rows_u = rep[:, None].expand(U, E)
-    u_ids = torch.where(in_prompt, prompt_ids[rows_u, src_prompt],
-                        torch.where(in_stem, completion_ids[rows_u, src_stem], u_prompt_ids))
-    u_mask = torch.where(in_prompt, prompt_mask[rows_u, src_prompt],
-                         torch.where(in_stem, torch.ones_like(u_prompt_mask), u_prompt_mask))
+    # Stem passes [U, P + L]: prompt u as padded (so that the columns all prompts share still line up for
+    # `_prefill`), then its stem tokens, right-padded to L. The attention mask skips the padding.
+    in_stem = torch.arange(L, device=device)[None, :] < stem_u[:, None]  # [U, L]
+    u_ids = torch.cat([prompt_ids[rep], torch.where(in_stem, completion_ids[rep, :L], 0)], dim=1)  # [U, P+L]
+    u_mask = torch.cat([prompt_mask[rep], in_stem.long()], dim=1)  # [U, P+L]
     cache = DynamicCache(config=decoder.config)
-    # The last L + 1 columns hold what predicts completion tokens 0..L: keep them out of the shared prefix.
-    u_hidden = _prefill(decoder, u_ids, u_mask, cache, max_shared=E - 1 - L).last_hidden_state  # [U, E', H]
-    offset = E - u_hidden.shape[1]  # columns of u_ids not in u_hidden
-    # Tokens t <= L_u are predicted from the stem pass: column E - 1 - L_u + t of prompt u.
+    # Column P-1+t predicts completion token t (t <= L_u): keep those columns out of the shared prefix.
+    u_hidden = _prefill(decoder, u_ids, u_mask, cache, max_shared=P - 1).last_hidden_state  # [U, P+L-k, H]
+    offset = P + L - u_hidden.shape[1]  # the k shared columns are not in u_hidden
     t = torch.arange(T, device=device)  # [T]
     stem_b = stem_u[inverse]  # [B]
-    shared = t[None, :] <= stem_b[:, None]  # [B, T]
-    col = (E - 1 - stem_b[:, None] + t[None, :]).clamp(max=E - 1) - offset  # [B, T]
-    hidden = u_hidden[inverse[:, None], col]  # [B, T, H]
+    shared = t[None, :] <= stem_b[:, None]  # [B, T] predicted from the stem pass
+    col = (P - 1 + t).clamp(max=P + L - 1) - offset  # [T]
+    hidden = u_hidden[inverse[:, None], col[None, :]]  # [B, T, H]
     # The rest of each row: its tokens L_u .. n-2 on top of its prompt's stem, predicting tokens L_u+1 .. n-1.
     R = int((lengths - 1 - stem_b).clamp(min=0).max()) if B else 0
     if R == 0:
@@ -516,8 +506,8 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     src = (stem_b[:, None] + r[None, :]).clamp(max=T - 1)  # [B, R]
     rest_mask = (stem_b[:, None] + r[None, :] <= lengths[:, None] - 2).long()  # [B, R]
     rest_ids = torch.where(rest_mask.bool(), completion_ids.gather(1, src), completion_ids.new_zeros(()))
-    cache.batch_select_indices(inverse)  # keys/values [U, heads, E, d] -> [B, heads, E, d]
-    attention_mask = torch.cat([u_mask[inverse], rest_mask], dim=1)  # [B, E + R]
+    cache.batch_select_indices(inverse)  # keys/values [U, heads, P+L, d] -> [B, heads, P+L, d]
+    attention_mask = torch.cat([u_mask[inverse], rest_mask], dim=1)  # [B, P+L+R]
     positions = u_mask[inverse].sum(-1, keepdim=True) + r[None, :]  # [B, R]
     rest = decoder(input_ids=rest_ids, attention_mask=attention_mask, position_ids=positions,
                    past_key_values=cache, use_cache=True).last_hidden_state  # [B, R, H]

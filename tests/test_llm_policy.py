@@ -184,12 +184,15 @@ def test_shared_completion_stems_score_and_differentiate_like_separate_rows(tiny
     gradients must equal scoring every row on its own, for rows that diverge, rows that are identical, rows of
     different lengths and a prompt with one row, and the per-row pass must see only the unshared tokens."""
     policy = tiny_policy
-    ids = policy.encode_prompts(["What is 1 + 2?", "Name a color", "hi"])
-    prompt, mask = policy.pad_prompts(ids)  # [3, P], left-padded
+    # Prompts of one length: their common opening runs once too (`_prefill`), in front of stems of 3, 1, 0 and 2
+    # tokens (the shorter ones padded to 3, and that padding must stay invisible to the rest of each row).
+    ids = policy.encode_prompts(["What is 12 + 34?", "What is 56 + 78?", "What is 90 + 11?", "What is 13 + 57?"])
+    prompt, mask = policy.pad_prompts(ids)  # [4, P]
     rows = [  # (prompt, completion tokens): prompt 0's rows share 3 tokens, 2 of them are identical
         (0, [20, 21, 22, 23, 24]), (0, [20, 21, 22, 23, 25]), (0, [20, 21, 22, 23, 24]), (0, [20, 21, 22, 26]),
-        (1, [30, 31, 32]),  # alone: all but its last prediction come from the shared pass
+        (1, [30, 31, 32]), (1, [30, 33, 34]),  # a stem of 1, then one more input token each
         (2, [40]), (2, [40]),  # one token each
+        (3, [50, 51, 52]),  # alone: all but its last prediction come from the shared pass
     ]
     T = max(len(c) for _, c in rows)
     comp = torch.full((len(rows), T), policy.pad_id)
@@ -217,7 +220,8 @@ def test_shared_completion_stems_score_and_differentiate_like_separate_rows(tiny
 
     try:
         shared_lp, shared_v, shared_g = grads_of([r])
-        assert fed[-1] == (len(rows), 1), fed  # the rest: prompt 0's rows 0-2 have one unshared input token
+        assert fed[0][0] == 1 and fed[0][1] >= 3, fed  # the prompts' common opening, run for one row
+        assert fed[-1] == (len(rows), 1), fed  # the rest: one unshared input token at most (prompts 0 and 1)
         alone_lp, alone_v, alone_g = grads_of([r[[i]] for i in range(len(r))])
     finally:
         hook.remove()

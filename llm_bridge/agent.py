@@ -86,6 +86,16 @@ class LMConfig:
     term). Their policy gradient is exactly 0 (advantage x grad log-prob), so this only saves their forward and
     backward; the loss becomes the token mean over the informative completions, as with DAPO's dynamic sampling.
     A group in which every sample scored the same is all zeros: often most of the batch once the model is good."""
+    min_informative: int = 0
+    """Dynamic sampling (DAPO): keep sampling batches, with the same weights, until at least this many completions
+    have a nonzero advantage (or `max_sample_batches` were sampled), then make one update on all of them. Once
+    most groups are all right, a batch holds only a few informative completions, and an update on them alone
+    is a full-size step on a handful of samples. 0 = one update per batch (advantage=group only)."""
+    max_sample_batches: int = 4
+    """With `min_informative`: the most batches sampled for one update."""
+    merge_duplicates: bool = True
+    """With `skip_zero_advantage`: train identical completions of a group as one row that counts once per copy
+    (exact: same tokens, same loss terms). The training pass then costs distinct completions, not samples."""
     revisit: float = 0.0
     """Fraction of each batch's prompts that re-ask a recent training problem whose group was mixed (some samples
     right, some wrong): the ones with signal in them (`games.text.TextGame`; 0 = every prompt fresh)."""
@@ -115,6 +125,12 @@ class LMConfig:
             raise ValueError(f"llm_lr and value_lr must be positive, got {self.llm_lr} and {self.value_lr}.")
         if self.dtype not in ("auto", "mixed", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: use auto, mixed, float32, bfloat16 or float16.")
+        if self.min_informative < 0 or self.max_sample_batches < 1:
+            raise ValueError("min_informative must be >= 0 and max_sample_batches >= 1.")
+        if self.min_informative and (self.advantage != "group" or self.kl_coef or self.ent_bonus
+                                     or not self.skip_zero_advantage):
+            raise ValueError("min_informative (dynamic sampling) needs advantage=group, skip_zero_advantage, and no "
+                             "KL or entropy term: only then do the all-same groups it leaves out add nothing.")
         if num_envs % self.llm_minibatches:
             raise ValueError(f"llm_minibatches: {num_envs} completions do not split into {self.llm_minibatches}.")
 
@@ -141,6 +157,8 @@ class LMAgent:
         self.rewards: torch.Tensor | None = None  # [B]
         self.correct: np.ndarray | None = None
         self.revisited: int | None = None  # groups of the last batch that re-asked a mixed problem
+        # Dynamic sampling: the informative rows of each batch sampled since the last update, and batch stats.
+        self.pending: list[dict[str, Any]] = []
         self.updates = 0
 
     @torch.no_grad()
@@ -161,8 +179,19 @@ class LMAgent:
         self.rewards = torch.as_tensor(tr.reward, dtype=torch.float32, device=self.policy.device)
         self.correct = tr.info["episode"]["r"]
         self.revisited = tr.info.get("revisited_groups")
+        if self.cfg.min_informative and self.rollout is not None:
+            adv, extra = self._advantages(self.rollout, self.rewards)
+            keep = adv.nonzero().squeeze(-1)  # only these can move the weights
+            group = torch.arange(len(adv), device=adv.device) // self.cfg.group_size + len(self.pending) * len(adv)
+            self.pending.append({"rollout": self.rollout[keep], "advantages": adv[keep], "group": group[keep],
+                                 "rewards": self.rewards, "correct": self.correct,
+                                 "length": self.rollout.completion_mask.sum(1).float(), **extra})
 
     def ready(self) -> bool:
+        if self.cfg.min_informative:
+            n = sum(len(p["advantages"]) for p in self.pending)
+            return bool(self.pending) and (n >= self.cfg.min_informative
+                                           or len(self.pending) >= self.cfg.max_sample_batches)
         return self.rollout is not None and self.rewards is not None
 
     def _advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -173,6 +202,25 @@ class LMAgent:
         if self.cfg.scale_by_std:
             adv = adv / (std + 1e-4)
         return adv.reshape(-1), {"charts/frac_zero_std_groups": float((std.squeeze(1) == 0).float().mean())}
+
+    def _merge_duplicates(self, ro: Rollout, rows: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep one row per distinct completion of a group, weighted by its count: `(rows [R'], weight [B])`.
+
+        A confident model samples the same completion many times ("37 + 48 = 75" x 15, "= 85" x 1). Copies have
+        the same tokens, hence the same log-probs, ratio and advantage (same reward, same group): their loss terms
+        are equal, and one row whose tokens count `k` times in the token mean gives exactly the loss, and the
+        gradient, of the `k` rows. The training pass then costs distinct completions, not samples: what makes
+        large groups affordable once a model is sure of itself."""
+        weight = torch.zeros(len(ro), device=rows.device)
+        first: dict[tuple[int, ...], int] = {}
+        ids = ro.completion_ids[rows].tolist()
+        lengths = ro.completion_mask[rows].sum(1).tolist()
+        for row, g, tokens, n in zip(rows.tolist(), group[rows].tolist(), ids, lengths):
+            key = (g, *tokens[:n])  # same group (same prompt, same sampling pass), same tokens
+            keep = first.setdefault(key, row)
+            weight[keep] += 1
+        kept = torch.as_tensor(sorted(first.values()), dtype=torch.long, device=rows.device)
+        return kept, weight
 
     @torch.no_grad()
     def _value_advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,17 +249,29 @@ class LMAgent:
     def update(self, global_step: int, total_steps: int) -> dict[str, Any]:
         cfg, ro, rewards = self.cfg, self.rollout, self.rewards
         assert ro is not None and rewards is not None
-        mask = ro.completion_mask.float()  # [B, T]
+        last_batch = ro  # for the KL and text panels
+        lengths = ro.completion_mask.sum(1).float()  # [B]
+        correct = self.correct
         if cfg.anneal_lr:  # linear decay, measured at the start of this batch (global_step counts it already)
             frac = max(0.0, 1.0 - (global_step - self.num_envs) / total_steps)
             for group, lr in zip(self.optimizer.param_groups, (cfg.llm_lr, cfg.value_lr)):
                 group["lr"] = frac * lr
         metrics: dict[str, Any] = {}
         old_values = returns = None
-        if cfg.advantage == "group":
+        group = torch.arange(len(ro), device=rewards.device) // cfg.group_size  # [B] each row's group
+        if cfg.min_informative:  # the informative rows of every batch sampled since the last update
+            pending, self.pending = self.pending, []
+            ro = Rollout.cat([p["rollout"] for p in pending], pad_id=self.policy.pad_id)
+            advantages, group = (torch.cat([p[k] for p in pending]) for k in ("advantages", "group"))
+            rewards, lengths = (torch.cat([p[k] for p in pending]) for k in ("rewards", "length"))
+            correct = np.concatenate([p["correct"] for p in pending])
+            metrics["charts/frac_zero_std_groups"] = float(np.mean([p["charts/frac_zero_std_groups"] for p in pending]))
+            metrics["charts/sample_batches"] = len(pending)
+        elif cfg.advantage == "group":
             advantages, extra = self._advantages(ro, rewards)  # [B]
             metrics.update(extra)
         else:
+            mask = ro.completion_mask.float()  # [B, T]
             advantages, returns, old_values = self._value_advantages(ro, rewards)  # [B, T]
             metrics["losses/explained_variance"] = self._explained_variance(old_values, returns, mask)
             metrics["charts/value_mean"] = float(old_values[mask.bool()].mean())
@@ -219,20 +279,27 @@ class LMAgent:
             a = advantages[valid]
             advantages = torch.where(valid, (advantages - a.mean()) / (a.std() + 1e-8), 0.0)
 
-        rows = torch.arange(len(ro), device=mask.device)  # the completions that go through the training pass
+        device = advantages.device
+        rows = torch.arange(len(ro), device=device)  # the completions that go through the training pass
+        weight = torch.ones(len(ro), device=device)  # [B] how many identical completions each row stands for
         if cfg.advantage == "group" and cfg.skip_zero_advantage and cfg.kl_coef == 0 and cfg.ent_bonus == 0:
             rows = advantages.nonzero().squeeze(-1)  # zero advantage = exactly zero gradient: skip the compute
-        metrics["charts/trained_completions"] = len(rows)
+            metrics["charts/trained_completions"] = len(rows)
+            if cfg.merge_duplicates:
+                rows, weight = self._merge_duplicates(ro, rows, group)
+        else:
+            metrics["charts/trained_completions"] = len(rows)
+        metrics["charts/trained_rows"] = len(rows)
         sums: dict[str, list[float]] = {}
         self.policy.train()
         for _epoch in range(cfg.llm_epochs if len(rows) else 0):  # nothing to learn from: no step at all
-            perm = rows[torch.randperm(len(rows), device=mask.device)]
+            perm = rows[torch.randperm(len(rows), device=device)]
             for idx in torch.tensor_split(perm, cfg.llm_minibatches):
                 if len(idx) == 0:
                     continue
                 mb = ro[idx]
                 stats = self.policy.evaluate(mb, cfg.temperature, with_entropy=True)  # one forward, with grad
-                m = mb.completion_mask
+                m = mb.completion_mask * weight[idx, None]  # [b, T]: a merged row's tokens count once per copy
                 pg_loss, pg_stats = policy_loss(stats.logprobs, mb.logprobs, advantages[idx], cfg.llm_clip, m)
                 entropy = masked_mean(stats.entropy, m)
                 loss = pg_loss - cfg.ent_bonus * entropy
@@ -255,18 +322,19 @@ class LMAgent:
 
         detail = self.updates % cfg.detail_every == 0
         if detail:  # KL of the *sampling* policy to the initial one, on the sampled tokens
-            ref_logprobs = self.policy.ref_token_logprobs(ro, cfg.temperature)
-            metrics["charts/kl_to_initial"] = float(kl_k3(ro.logprobs, ref_logprobs, ro.completion_mask))
+            ref_logprobs = self.policy.ref_token_logprobs(last_batch, cfg.temperature)
+            metrics["charts/kl_to_initial"] = float(kl_k3(last_batch.logprobs, ref_logprobs,
+                                                          last_batch.completion_mask))
         metrics["charts/reward_mean"] = float(rewards.mean())
-        metrics["charts/accuracy"] = float(np.mean(self.correct))
-        metrics["charts/response_length"] = float(mask.sum(1).mean())
+        metrics["charts/accuracy"] = float(np.mean(correct))
+        metrics["charts/response_length"] = float(lengths.mean())
         metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
         if self.revisited is not None:
             metrics["charts/revisited_groups"] = self.revisited
         if detail:
             rows = [f"| {p!r} | {c!r} | {r:.2f} |" for p, c, r in
-                    zip(self.prompts[:: cfg.group_size][:4], ro.texts[:: cfg.group_size][:4],
-                        rewards[:: cfg.group_size][:4].tolist())]
+                    zip(self.prompts[:: cfg.group_size][:4], last_batch.texts[:: cfg.group_size][:4],
+                        self.rewards[:: cfg.group_size][:4].tolist())]
             metrics["text/samples"] = "| prompt | completion | reward |\n|-|-|-|\n" + "\n".join(rows)
         self.updates += 1
         self.rollout = self.rewards = None

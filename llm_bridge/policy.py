@@ -113,6 +113,27 @@ class Rollout:
             texts=[self.texts[i] for i in rows],
         )
 
+    @staticmethod
+    def cat(rollouts: Sequence[Rollout], pad_id: int) -> Rollout:
+        """One Rollout of the rows of several (e.g. batches sampled by the same weights): prompts left-padded and
+        completions right-padded to the widest."""
+        P = max(r.prompt_ids.shape[1] for r in rollouts)
+        T = max(r.completion_ids.shape[1] for r in rollouts)
+
+        def pad(x: Tensor, width: int, value: float, left: bool) -> Tensor:
+            n = width - x.shape[1]
+            return F.pad(x, (n, 0) if left else (0, n), value=value)
+
+        return Rollout(
+            prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_id, True) for r in rollouts]),
+            prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, True) for r in rollouts]),
+            completion_ids=torch.cat([pad(r.completion_ids, T, pad_id, False) for r in rollouts]),
+            completion_mask=torch.cat([pad(r.completion_mask, T, 0, False) for r in rollouts]),
+            logprobs=torch.cat([pad(r.logprobs, T, 0.0, False) for r in rollouts]),
+            finished=torch.cat([r.finished for r in rollouts]),
+            texts=[t for r in rollouts for t in r.texts],
+        )
+
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(prompt_ids, prompt_mask, completion_ids, completion_mask): what `evaluate` needs."""
         return self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask

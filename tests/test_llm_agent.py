@@ -116,6 +116,94 @@ def test_zero_advantage_completions_skip_the_training_pass(monkeypatch):
     assert cos > 0.9999 and delta_skip.norm() > delta_all.norm()  # same direction, larger (fewer tokens averaged)
 
 
+def test_identical_completions_train_as_one_weighted_row(monkeypatch):
+    """Copies of a completion in a group have the same loss terms: one row counted k times in the token mean gives
+    the same parameter step as the k rows, with fewer rows through the training pass."""
+    import torch
+
+    from agents.common import Transition
+    from llm_bridge.agent import LMAgent
+
+    def step(merge: bool) -> tuple[list[int], torch.Tensor, dict]:
+        torch.manual_seed(0)
+        cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, merge_duplicates=merge,
+                       dtype="float32", grad_clip=1e9)
+        agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
+        agent.optimizer = torch.optim.SGD(agent.policy.trainable_parameters(), lr=1.0)  # step = -grad, exactly
+        seen: list[int] = []
+        evaluate = agent.policy.evaluate
+        monkeypatch.setattr(agent.policy, "evaluate", lambda b, *a, **k: seen.append(len(b)) or evaluate(b, *a, **k))
+        prompts = ["What is 1 + 2?"] * 4 + ["hi"] * 4
+        agent.act(prompts)
+        # Copies as a confident model samples them: group 0 = a, a, b, a; group 1 = c, d, d, d.
+        agent.rollout = agent.rollout[[0, 0, 1, 0, 4, 5, 5, 5]]
+        assert agent.rollout.texts[0] != agent.rollout.texts[2] and agent.rollout.texts[4] != agent.rollout.texts[5]
+        reward = np.array([1, 1, 0, 1, 1, 0, 0, 0], dtype=np.float32)
+        n = len(prompts)
+        agent.observe(Transition(prompts, agent.rollout.texts, reward, np.ones(n, bool), np.zeros(n, bool),
+                                 prompts, prompts, {"episode": {"r": reward}}))
+        before = [p.detach().clone() for p in agent.policy.trainable_parameters()]
+        metrics = agent.update(8, 8)
+        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(agent.policy.trainable_parameters(), before)])
+        return seen, delta, metrics
+
+    seen_merged, delta_merged, m_merged = step(True)
+    seen_all, delta_all, m_all = step(False)
+    assert seen_merged == [4] and seen_all == [8]
+    assert m_merged["charts/trained_completions"] == m_all["charts/trained_completions"] == 8
+    assert m_merged["charts/trained_rows"] == 4
+    assert delta_all.norm() > 0
+    torch.testing.assert_close(delta_merged, delta_all, rtol=1e-4, atol=1e-7)
+    assert m_merged["losses/entropy"] == pytest.approx(m_all["losses/entropy"], rel=1e-4)
+
+
+def test_dynamic_sampling_waits_for_informative_completions():
+    """With `min_informative`, batches whose groups all scored alike are kept sampling past: the update waits
+    until enough completions carry a nonzero advantage, then trains on the informative rows of every batch sampled
+    since the last update (here: none of the first batch, all of the second), or gives up after
+    `max_sample_batches`."""
+    import torch
+
+    from agents.common import Transition
+    from llm_bridge.agent import LMAgent
+
+    torch.manual_seed(0)
+    cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, min_informative=8,
+                   max_sample_batches=3, dtype="float32")
+    agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
+    prompts = ["What is 1 + 2?"] * 4 + ["hi"] * 4
+    seen: list[int] = []
+    evaluate = agent.policy.evaluate
+    agent.policy.evaluate = lambda b, *a, **k: seen.append(len(b)) or evaluate(b, *a, **k)
+
+    def sample(reward: list[int]) -> None:
+        agent.act(prompts)
+        r = np.array(reward, dtype=np.float32)
+        agent.observe(Transition(prompts, agent.rollout.texts, r, np.ones(8, bool), np.zeros(8, bool),
+                                 prompts, prompts, {"episode": {"r": r}}))
+
+    sample([1, 1, 1, 1, 0, 0, 0, 0])  # no signal at all
+    assert not agent.ready()
+    sample([1, 0, 0, 0, 1, 1, 1, 1])  # 4 informative completions: still fewer than 8
+    assert not agent.ready()
+    sample([1, 1, 0, 0, 0, 1, 0, 0])  # 8 more
+    assert agent.ready()
+    metrics = agent.update(24, 24)
+    assert metrics["charts/sample_batches"] == 3 and metrics["charts/trained_completions"] == 12
+    assert seen == [metrics["charts/trained_rows"]] and metrics["charts/trained_rows"] <= 12
+    assert metrics["charts/frac_zero_std_groups"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert metrics["charts/reward_mean"] == pytest.approx(12 / 24)
+    # The cap: three batches without signal give an update that trains on nothing (no step).
+    for _ in range(3):
+        assert not agent.ready()
+        sample([0] * 8)
+    assert agent.ready()
+    metrics = agent.update(48, 48)
+    assert metrics["charts/trained_completions"] == 0 and metrics["charts/sample_batches"] == 3
+    with pytest.raises(ValueError, match="min_informative"):
+        LMConfig(min_informative=8, advantage="value").validate(8)
+
+
 def test_value_head_has_its_own_learning_rate():
     """The value head is a new layer: at an LM's learning rate (here 1e-6) it would not move, and `--advantage value`
     would have no critic. With its own `value_lr` it learns a constant reward of 1 within a few updates."""

@@ -90,7 +90,9 @@ class LMConfig:
     """Dynamic sampling (DAPO): keep sampling batches, with the same weights, until at least this many completions
     have a nonzero advantage (or `max_sample_batches` were sampled), then make one update on all of them. Once
     most groups are all right, a batch holds only a few informative completions, and an update on them alone
-    is a full-size step on a handful of samples. 0 = one update per batch (advantage=group only)."""
+    is a full-size step on a handful of samples. 0 = one update per batch. Applies with advantage=group,
+    skip_zero_advantage and no KL or entropy term (only then do the all-same groups it leaves out add nothing);
+    ignored otherwise."""
     max_sample_batches: int = 4
     """With `min_informative`: the most batches sampled for one update."""
     merge_duplicates: bool = True
@@ -113,6 +115,12 @@ class LMConfig:
     """Every this many updates, also log the KL to the initial model (one extra forward pass) and a text panel of
     sample prompts, completions and rewards."""
 
+    @property
+    def dynamic_sampling(self) -> bool:
+        """Whether `min_informative` is in force (see its docstring)."""
+        return bool(self.min_informative) and self.advantage == "group" and self.skip_zero_advantage \
+            and self.kl_coef == 0 and self.ent_bonus == 0
+
     def validate(self, num_envs: int) -> None:
         if self.group_size < 1 or num_envs % self.group_size:
             raise ValueError(f"group_size: num_envs ({num_envs}) must be a multiple of group_size ({self.group_size}).")
@@ -127,10 +135,6 @@ class LMConfig:
             raise ValueError(f"dtype={self.dtype!r}: use auto, mixed, float32, bfloat16 or float16.")
         if self.min_informative < 0 or self.max_sample_batches < 1:
             raise ValueError("min_informative must be >= 0 and max_sample_batches >= 1.")
-        if self.min_informative and (self.advantage != "group" or self.kl_coef or self.ent_bonus
-                                     or not self.skip_zero_advantage):
-            raise ValueError("min_informative (dynamic sampling) needs advantage=group, skip_zero_advantage, and no "
-                             "KL or entropy term: only then do the all-same groups it leaves out add nothing.")
         if num_envs % self.llm_minibatches:
             raise ValueError(f"llm_minibatches: {num_envs} completions do not split into {self.llm_minibatches}.")
 
@@ -179,7 +183,7 @@ class LMAgent:
         self.rewards = torch.as_tensor(tr.reward, dtype=torch.float32, device=self.policy.device)
         self.correct = tr.info["episode"]["r"]
         self.revisited = tr.info.get("revisited_groups")
-        if self.cfg.min_informative and self.rollout is not None:
+        if self.cfg.dynamic_sampling and self.rollout is not None:
             adv, extra = self._advantages(self.rollout, self.rewards)
             keep = adv.nonzero().squeeze(-1)  # only these can move the weights
             group = torch.arange(len(adv), device=adv.device) // self.cfg.group_size + len(self.pending) * len(adv)
@@ -188,7 +192,7 @@ class LMAgent:
                                  "length": self.rollout.completion_mask.sum(1).float(), **extra})
 
     def ready(self) -> bool:
-        if self.cfg.min_informative:
+        if self.cfg.dynamic_sampling:
             n = sum(len(p["advantages"]) for p in self.pending)
             return bool(self.pending) and (n >= self.cfg.min_informative
                                            or len(self.pending) >= self.cfg.max_sample_batches)
@@ -259,7 +263,7 @@ class LMAgent:
         metrics: dict[str, Any] = {}
         old_values = returns = None
         group = torch.arange(len(ro), device=rewards.device) // cfg.group_size  # [B] each row's group
-        if cfg.min_informative:  # the informative rows of every batch sampled since the last update
+        if cfg.dynamic_sampling:  # the informative rows of every batch sampled since the last update
             pending, self.pending = self.pending, []
             ro = Rollout.cat([p["rollout"] for p in pending], pad_id=self.policy.pad_id)
             advantages, group = (torch.cat([p[k] for p in pending]) for k in ("advantages", "group"))
@@ -354,9 +358,10 @@ class LMAgent:
 class LMArgs:
     """PPO on a text game with a language-model policy."""
 
-    # Updates of 8 prompts x 4 completions for 15 minutes of training, at most 400 (~205 fit in 15 minutes for
-    # SmolLM2 on a 2-core CPU, measured; at the 0.8 s per update measured on an H100, 400 would take ~5 minutes),
-    # with a held-out evaluation every 40.
+    # Batches of 8 prompts x 4 completions for 15 minutes of training, at most 400 (~205 one-batch updates fit in
+    # 15 minutes for SmolLM2 on a 2-core CPU, measured; at the 0.8 s per update measured on an H100, 400 would take
+    # ~5 minutes), with a held-out evaluation every 40 batches. `steps` counts sampled completions, so with
+    # dynamic sampling (below) an update may use several batches.
     train: TrainConfig = TrainConfig(steps=12_800, num_envs=32, eval_episodes=500, eval_envs=100, eval_every=1_280,
                                      eval_at_start=True, checkpoint_every=1_000_000, train_minutes=15.0)
     lm: LMConfig = field(default_factory=LMConfig)

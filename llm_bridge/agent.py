@@ -19,6 +19,7 @@ The trainer does the rest exactly as for Atari: the loop, TensorBoard, checkpoin
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -95,6 +96,12 @@ class LMConfig:
     ignored otherwise."""
     max_sample_batches: int = 4
     """With `min_informative`: the most batches sampled for one update."""
+    ema_decay: float = 0.0
+    """Greedy evaluation with an exponential moving average of the LM's weights (Polyak averaging; 0 = off): after
+    every update, avg <- decay * avg + (1 - decay) * weights. Evaluation (`act(explore=False)`, `ponglab eval`)
+    uses the average; sampling for training uses the live weights. Once the policy is nearly deterministic, each
+    update flips the greedy answer of many close calls, and held-out accuracy swings by several points from one
+    update to the next; the average smooths that out."""
     merge_duplicates: bool = True
     """With `skip_zero_advantage`: train identical completions of a group as one row that counts once per copy
     (exact: same tokens, same loss terms). The training pass then costs distinct completions, not samples."""
@@ -129,6 +136,8 @@ class LMConfig:
         for name in ("max_new_tokens", "llm_epochs", "llm_minibatches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}.")
         if self.llm_lr <= 0 or self.value_lr <= 0:
             raise ValueError(f"llm_lr and value_lr must be positive, got {self.llm_lr} and {self.value_lr}.")
         if self.dtype not in ("auto", "mixed", "float32", "bfloat16", "float16"):
@@ -156,6 +165,9 @@ class LMAgent:
         # fused: one kernel over all 135M weights instead of a loop of per-tensor ops; on 2 CPU cores an SmolLM2
         # step takes ~0.1 s instead of ~0.5 s (same arithmetic).
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0, fused=self.policy.device.type in ("cpu", "cuda"))
+        self.lm_params = lm_params
+        # The weights' moving average (ema_decay), float32 like the weights: 540 MB for SmolLM2.
+        self.ema = [p.detach().clone() for p in lm_params] if cfg.ema_decay else None
         self.rollout: Rollout | None = None  # the completions of the last act(explore=True)
         self.prompts: list[str] = []
         self.rewards: torch.Tensor | None = None  # [B]
@@ -165,8 +177,28 @@ class LMAgent:
         self.pending: list[dict[str, Any]] = []
         self.updates = 0
 
+    @contextlib.contextmanager
+    def _averaged_weights(self):
+        """Swap the moving average into the model (pointer swaps, no copies), and back on exit."""
+        if self.ema is None:
+            yield
+            return
+        for p, e in zip(self.lm_params, self.ema):
+            p.data, e.data = e.data, p.data
+        try:
+            yield
+        finally:
+            for p, e in zip(self.lm_params, self.ema):
+                p.data, e.data = e.data, p.data
+
     @torch.no_grad()
     def act(self, prompts: list[str], explore: bool = True) -> list[str]:
+        if not explore:
+            with self._averaged_weights():
+                return self._act(prompts, explore)
+        return self._act(prompts, explore)
+
+    def _act(self, prompts: list[str], explore: bool) -> list[str]:
         # While training, the env puts each prompt in group_size adjacent slots: encode and run each prompt once.
         n = self.cfg.group_size if explore and len(prompts) % self.cfg.group_size == 0 else 1
         if n > 1 and any(prompts[i] != prompts[i - i % n] for i in range(len(prompts))):
@@ -318,6 +350,10 @@ class LMAgent:
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.grad_clip)
                 self.optimizer.step()
+                if self.ema is not None:
+                    with torch.no_grad():
+                        for e, p in zip(self.ema, self.lm_params):
+                            e.lerp_(p, 1.0 - cfg.ema_decay)
                 for k, v in (("losses/policy_loss", pg_loss), ("losses/entropy", entropy),
                              ("losses/approx_kl", pg_stats["approx_kl"]), ("losses/clipfrac", pg_stats["clipfrac"]),
                              ("losses/grad_norm", grad_norm)):
@@ -346,12 +382,21 @@ class LMAgent:
 
     def state_dict(self) -> dict[str, Any]:
         # The reference model is the initial weights: save it too, so a resumed run measures KL to the same start.
-        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+        state = {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+        if self.ema is not None:
+            state["ema"] = [e.clone() for e in self.ema]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state.get("updates", 0))
+        if self.ema is not None:
+            saved = state.get("ema")
+            if saved is None:  # a checkpoint from a run without the average: start it at the saved weights
+                saved = [p.detach() for p in self.lm_params]
+            for e, v in zip(self.ema, saved):
+                e.copy_(v)
 
 
 @dataclass(frozen=True)

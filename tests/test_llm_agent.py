@@ -205,6 +205,42 @@ def test_dynamic_sampling_waits_for_informative_completions():
     assert not LMConfig(min_informative=8, kl_coef=0.1).dynamic_sampling
 
 
+def test_greedy_evaluation_uses_the_weights_moving_average(tmp_path):
+    """With `ema_decay`, act(explore=False) runs on avg = d * avg + (1 - d) * weights (updated after every step),
+    training samples on the live weights, and a checkpoint restores both."""
+    import torch
+
+    from agents.common import Transition
+    from llm_bridge.agent import LMAgent
+
+    torch.manual_seed(0)
+    cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, ema_decay=0.75, dtype="float32")
+    agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
+    first = agent.policy.trainable_parameters()[0]
+    start = first.detach().clone()
+    seen = []
+    generate = agent.policy.generate
+    agent.policy.generate = lambda *a, **k: seen.append(first.detach().clone()) or generate(*a, **k)
+    prompts = ["What is 1 + 2?"] * 4 + ["hi"] * 4
+    agent.act(prompts)
+    r = np.array([1, 0, 0, 1, 0, 1, 1, 1], dtype=np.float32)
+    agent.observe(Transition(prompts, agent.rollout.texts, r, np.ones(8, bool), np.zeros(8, bool),
+                             prompts, prompts, {"episode": {"r": r}}))
+    agent.update(8, 8)
+    live = first.detach().clone()
+    assert not torch.equal(live, start)
+    agent.act(prompts[:2], explore=False)
+    torch.testing.assert_close(seen[-1], 0.75 * start + 0.25 * live)  # evaluated on the average
+    assert torch.equal(first.detach(), live)  # and the live weights are back
+    agent.act(prompts)
+    assert torch.equal(seen[-1], live)  # training samples on the live weights
+    restored = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
+    restored.load_state_dict(agent.state_dict())
+    torch.testing.assert_close(restored.ema[0], 0.75 * start + 0.25 * live)
+    with pytest.raises(ValueError, match="ema_decay"):
+        LMConfig(ema_decay=1.0).validate(8)
+
+
 def test_value_head_has_its_own_learning_rate():
     """The value head is a new layer: at an LM's learning rate (here 1e-6) it would not move, and `--advantage value`
     would have no critic. With its own `value_lr` it learns a constant reward of 1 within a few updates."""

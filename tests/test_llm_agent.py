@@ -79,38 +79,50 @@ def test_lm_bad_hyperparameters(tmp_path, capsys, flags, message):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+PROMPTS = ["What is 1 + 2?"] * 4 + ["hi"] * 4  # two groups of 4
+
+
+def sgd_step(monkeypatch, reward: list[int], rows: list[int] | None = None, **cfg):
+    """One update of a tiny agent on PROMPTS with plain SGD at lr 1 (so the parameter change is -grad, exactly).
+    `rows` re-indexes the sampled rollout first (to plant copies). Returns (sizes of the batches that went
+    through the training pass, parameter change, metrics)."""
+    import torch
+
+    from agents.common import Transition
+    from llm_bridge.agent import LMAgent
+
+    torch.manual_seed(0)
+    config = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, dtype="float32",
+                      grad_clip=1e9, **cfg)
+    agent = LMAgent(config, num_envs=8, device=torch.device("cpu"), seed=0)
+    agent.optimizer = torch.optim.SGD(agent.policy.trainable_parameters(), lr=1.0)
+    seen: list[int] = []
+    evaluate = agent.policy.evaluate
+    monkeypatch.setattr(agent.policy, "evaluate", lambda b, *a, **k: seen.append(len(b)) or evaluate(b, *a, **k))
+    agent.act(PROMPTS)
+    if rows is not None:
+        agent.rollout = agent.rollout[rows]
+    r = np.array(reward, dtype=np.float32)
+    n = len(PROMPTS)
+    agent.observe(Transition(PROMPTS, agent.rollout.texts, r, np.ones(n, bool), np.zeros(n, bool),
+                             PROMPTS, PROMPTS, {"episode": {"r": r}}))
+    rollout = agent.rollout  # the update clears it
+    before = [p.detach().clone() for p in agent.policy.trainable_parameters()]
+    metrics = agent.update(8, 8)
+    delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(agent.policy.trainable_parameters(), before)])
+    return seen, delta, metrics, rollout
+
+
 def test_zero_advantage_completions_skip_the_training_pass(monkeypatch):
     """A group whose samples all scored the same has advantage 0 everywhere: exactly no gradient, so its rows are
     left out of the forward/backward. The parameter step is the same as training on every row, up to the loss's
     token-mean normaliser (informative tokens instead of all tokens)."""
     import torch
 
-    from agents.common import Transition
-    from llm_bridge.agent import LMAgent
-
-    def step(skip: bool) -> tuple[list[int], torch.Tensor, dict]:
-        torch.manual_seed(0)
-        cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, skip_zero_advantage=skip, dtype="float32",
-                       grad_clip=1e9)
-        agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
-        agent.optimizer = torch.optim.SGD(agent.policy.trainable_parameters(), lr=1.0)  # step = -grad, exactly
-        seen: list[int] = []
-        evaluate = agent.policy.evaluate
-        monkeypatch.setattr(agent.policy, "evaluate", lambda b, *a, **k: seen.append(len(b)) or evaluate(b, *a, **k))
-        prompts = ["What is 1 + 2?"] * 4 + ["hi"] * 4
-        agent.act(prompts)
-        reward = np.array([1, 1, 1, 1, 1, 0, 0, 1], dtype=np.float32)  # group 0: no signal; group 1: mixed
-        n = len(prompts)
-        agent.observe(Transition(prompts, agent.rollout.texts, reward, np.ones(n, bool), np.zeros(n, bool),
-                                 prompts, prompts, {"episode": {"r": reward}}))
-        before = [p.detach().clone() for p in agent.policy.trainable_parameters()]
-        metrics = agent.update(8, 8)
-        assert metrics["charts/trained_completions"] == (4 if skip else 8)
-        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(agent.policy.trainable_parameters(), before)])
-        return seen, delta, metrics
-
-    seen_skip, delta_skip, _ = step(True)
-    seen_all, delta_all, _ = step(False)
+    reward = [1, 1, 1, 1, 1, 0, 0, 1]  # group 0: no signal; group 1: mixed
+    seen_skip, delta_skip, m_skip, _ = sgd_step(monkeypatch, reward, skip_zero_advantage=True)
+    seen_all, delta_all, m_all, _ = sgd_step(monkeypatch, reward, skip_zero_advantage=False)
+    assert m_skip["charts/trained_completions"] == 4 and m_all["charts/trained_completions"] == 8
     assert seen_skip == [4] and seen_all == [8]
     cos = torch.nn.functional.cosine_similarity(delta_skip, delta_all, dim=0)
     assert cos > 0.9999 and delta_skip.norm() > delta_all.norm()  # same direction, larger (fewer tokens averaged)
@@ -121,34 +133,11 @@ def test_identical_completions_train_as_one_weighted_row(monkeypatch):
     the same parameter step as the k rows, with fewer rows through the training pass."""
     import torch
 
-    from agents.common import Transition
-    from llm_bridge.agent import LMAgent
-
-    def step(merge: bool) -> tuple[list[int], torch.Tensor, dict]:
-        torch.manual_seed(0)
-        cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, merge_duplicates=merge,
-                       dtype="float32", grad_clip=1e9)
-        agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
-        agent.optimizer = torch.optim.SGD(agent.policy.trainable_parameters(), lr=1.0)  # step = -grad, exactly
-        seen: list[int] = []
-        evaluate = agent.policy.evaluate
-        monkeypatch.setattr(agent.policy, "evaluate", lambda b, *a, **k: seen.append(len(b)) or evaluate(b, *a, **k))
-        prompts = ["What is 1 + 2?"] * 4 + ["hi"] * 4
-        agent.act(prompts)
-        # Copies as a confident model samples them: group 0 = a, a, b, a; group 1 = c, d, d, d.
-        agent.rollout = agent.rollout[[0, 0, 1, 0, 4, 5, 5, 5]]
-        assert agent.rollout.texts[0] != agent.rollout.texts[2] and agent.rollout.texts[4] != agent.rollout.texts[5]
-        reward = np.array([1, 1, 0, 1, 1, 0, 0, 0], dtype=np.float32)
-        n = len(prompts)
-        agent.observe(Transition(prompts, agent.rollout.texts, reward, np.ones(n, bool), np.zeros(n, bool),
-                                 prompts, prompts, {"episode": {"r": reward}}))
-        before = [p.detach().clone() for p in agent.policy.trainable_parameters()]
-        metrics = agent.update(8, 8)
-        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(agent.policy.trainable_parameters(), before)])
-        return seen, delta, metrics
-
-    seen_merged, delta_merged, m_merged = step(True)
-    seen_all, delta_all, m_all = step(False)
+    # Copies as a confident model samples them: group 0 = a, a, b, a; group 1 = c, d, d, d.
+    rows, reward = [0, 0, 1, 0, 4, 5, 5, 5], [1, 1, 0, 1, 1, 0, 0, 0]
+    seen_merged, delta_merged, m_merged, ro = sgd_step(monkeypatch, reward, rows, merge_duplicates=True)
+    seen_all, delta_all, m_all, _ = sgd_step(monkeypatch, reward, rows, merge_duplicates=False)
+    assert ro.texts[0] != ro.texts[2] and ro.texts[4] != ro.texts[5]
     assert seen_merged == [4] and seen_all == [8]
     assert m_merged["charts/trained_completions"] == m_all["charts/trained_completions"] == 8
     assert m_merged["charts/trained_rows"] == 4

@@ -302,6 +302,7 @@ class DQN:
         self.q.load_state_dict(state["q"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.param_groups[0]["lr"] = self.cfg.lr  # the config's (e.g. --resume ... --lr), not the saved one
         for k, v in state["counters"].items():
             setattr(self, k, v)
         self.replay = None

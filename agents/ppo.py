@@ -264,4 +264,7 @@ class PPO:
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # The optimizer state carries the learning rate it was saved with; the config (maybe a --lr given to
+        # --resume) is what counts. With anneal_lr the next update sets it from the config anyway.
+        self.optimizer.param_groups[0]["lr"] = self.cfg.lr
         self.t = 0  # a resumed run starts a fresh rollout: the envs restart their episodes

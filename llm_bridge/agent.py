@@ -390,6 +390,10 @@ class LMAgent:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # The saved optimizer state carries the learning rates it ran with; the config's count (a --llm-lr given
+        # with --resume must not be silently dropped). With anneal_lr the next update rescales them anyway.
+        for group, lr in zip(self.optimizer.param_groups, (self.cfg.llm_lr, self.cfg.value_lr)):
+            group["lr"] = lr
         self.updates = int(state.get("updates", 0))
         if self.ema is not None:
             saved = state.get("ema")

@@ -68,6 +68,18 @@ def test_cli_text_game_run_folder_and_eval(tmp_path, capsys):
     assert "over 10 episodes" in capsys.readouterr().out
 
 
+def test_resume_takes_the_learning_rate_given_now(tmp_path):
+    """The checkpoint's optimizer state holds the learning rate it ran with; `--resume RUN --llm-lr X` must train
+    at X, not silently at the saved rate."""
+    run = tmp_path / "lr"
+    base = ["--model", "tiny-bytes", "--num-envs", "8", "--group-size", "4", "--max-new-tokens", "4",
+            "--eval-episodes", "0", "--no-progress", "--dtype", "float32"]
+    main(["train", "ppo", "repeat", "--run-dir", str(run), "--steps", "16", "--llm-lr", "1e-4", *base])
+    main(["train", "ppo", "repeat", "--resume", str(run), "--steps", "32", "--llm-lr", "3e-4"])
+    lrs = scalars(run, "charts/learning_rate")
+    assert lrs == pytest.approx([1e-4, 1e-4, 3e-4, 3e-4])
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [(["--group-size", "3"], "group_size"), (["--group-size", "1"], "group_size"), (["--llm-lr", "0"], "llm_lr")],

@@ -318,13 +318,12 @@ class LMAgent:
         device = advantages.device
         rows = torch.arange(len(ro), device=device)  # the completions that go through the training pass
         weight = torch.ones(len(ro), device=device)  # [B] how many identical completions each row stands for
-        if cfg.advantage == "group" and cfg.skip_zero_advantage and cfg.kl_coef == 0 and cfg.ent_bonus == 0:
+        skip = cfg.advantage == "group" and cfg.skip_zero_advantage and cfg.kl_coef == 0 and cfg.ent_bonus == 0
+        if skip:
             rows = advantages.nonzero().squeeze(-1)  # zero advantage = exactly zero gradient: skip the compute
-            metrics["charts/trained_completions"] = len(rows)
-            if cfg.merge_duplicates:
-                rows, weight = self._merge_duplicates(ro, rows, group)
-        else:
-            metrics["charts/trained_completions"] = len(rows)
+        metrics["charts/trained_completions"] = len(rows)
+        if skip and cfg.merge_duplicates:
+            rows, weight = self._merge_duplicates(ro, rows, group)
         metrics["charts/trained_rows"] = len(rows)
         sums: dict[str, list[float]] = {}
         self.policy.train()

@@ -46,7 +46,14 @@ class LMConfig:
     float32; bfloat16 (pure bfloat16 weights: half the memory, but AdamW steps at RL learning rates mostly round
     away, see llm_bridge.policy)."""
     group_size: int = 4
-    """Completions sampled per prompt; num_envs (completions per step) must be a multiple of it."""
+    """Completions per prompt (sampled, or the beam's); num_envs (completions per step) must be a multiple of it."""
+    group_from: Literal["sample", "beam"] = "sample"
+    """Where a group's completions come from. sample: group_size samples from the policy (GRPO). beam: the
+    prompt's group_size most probable distinct completions (beam search), each weighted by its probability
+    among them: the exact gradient of the expected reward over those candidates, no sampling noise
+    (`LMAgent._beam_advantages`). Needs advantage=group and no KL or entropy term."""
+    beam_min_prob: float = 1e-3
+    """With group_from=beam: leave out candidates less likely than this times the prompt's most likely one."""
     max_new_tokens: int = 16
     """Longest completion, in tokens."""
     temperature: float = 1.0
@@ -142,6 +149,14 @@ class LMConfig:
             raise ValueError(f"llm_lr and value_lr must be positive, got {self.llm_lr} and {self.value_lr}.")
         if self.dtype not in ("auto", "mixed", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: use auto, mixed, float32, bfloat16 or float16.")
+        if self.group_from not in ("sample", "beam"):
+            raise ValueError(f"group_from={self.group_from!r}: use sample or beam.")
+        if self.group_from == "beam" and (self.advantage != "group" or self.kl_coef or self.ent_bonus):
+            raise ValueError("group_from=beam weighs each candidate by its probability, which only the group "
+                             "advantage does: use advantage=group with kl_coef=0 and ent_bonus=0 (the KL and "
+                             "entropy terms need samples from the policy).")
+        if not 0 < self.beam_min_prob <= 1:
+            raise ValueError(f"beam_min_prob must be in (0, 1], got {self.beam_min_prob}.")
         if self.min_informative < 0 or self.max_sample_batches < 1:
             raise ValueError("min_informative must be >= 0 and max_sample_batches >= 1.")
         if num_envs % self.llm_minibatches:
@@ -206,7 +221,8 @@ class LMAgent:
         ids = self.policy.encode_prompts(prompts[::n], system=self.cfg.system_prompt)
         rollout = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                        top_p=self.cfg.top_p, greedy=not explore, num_samples=n,
-                                       stop_text=self.answer_done)
+                                       stop_text=self.answer_done, beam=explore and self.cfg.group_from == "beam",
+                                       beam_min_prob=self.cfg.beam_min_prob)
         if explore:
             self.rollout, self.prompts = rollout, list(prompts)
         return rollout.texts  # text for the checker only: training uses rollout's token ids
@@ -232,12 +248,48 @@ class LMAgent:
 
     def _advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Group baseline: advantages `[B]`, one per completion (broadcast over its tokens by the loss)."""
+        if self.cfg.group_from == "beam":
+            return self._beam_advantages(ro, rewards)
         groups = rewards.view(-1, self.cfg.group_size)  # [B/G, G]
         adv = groups - groups.mean(dim=1, keepdim=True)
         std = groups.std(dim=1, keepdim=True) if self.cfg.group_size > 1 else torch.zeros_like(groups[:, :1])
         if self.cfg.scale_by_std:
             adv = adv / (std + 1e-4)
         return adv.reshape(-1), {"charts/frac_zero_std_groups": float((std.squeeze(1) == 0).float().mean())}
+
+    def _beam_advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Advantages `[B]` for groups of candidates from beam search: the exact policy gradient over them.
+
+        A group holds its prompt's G most probable distinct completions y_1..G (filler rows repeat y_1). Over
+        that set S, with w_i = p(y_i) / sum_j p(y_j) (the policy restricted to S), the expected reward is
+        J = sum_i w_i R_i and its gradient is exactly
+            grad J = sum_i w_i (R_i - J) grad log p(y_i),
+        so the advantage of y_i is w_i (R_i - J): every candidate weighs by its probability, and a group in
+        which they all score the same has no signal, as with samples. Two scalings keep the step sizes those
+        of sampled groups: x G (the sampled estimate of the same gradient is a mean over G rows with advantages
+        R_i - mean), and, with scale_by_std, / the std of R under w (GRPO's per-prompt scaling). Once the
+        policy is sure of itself S holds nearly all of its mass (charts/beam_mass), and this is the gradient
+        that G samples only estimate: a wrong greedy answer with the right one second in line is always seen,
+        not one time in 1 - (1 - p)^G."""
+        G = self.cfg.group_size
+        ids = ro.completion_ids.masked_fill(~ro.completion_mask.bool(), -1).view(-1, G, ro.completion_ids.shape[1])
+        same = (ids[:, :, None] == ids[:, None, :]).all(-1)  # [B/G, G, G] row i has row j's tokens
+        earlier = torch.ones(G, G, dtype=torch.bool, device=ids.device).tril(-1)  # j < i
+        real = ~(same & earlier).any(-1)  # [B/G, G]: not a copy of an earlier row (fillers are)
+        logp = ro.logprobs.sum(1).view(-1, G).masked_fill(~real, -torch.inf)  # [B/G, G] log p(y_i)
+        w = logp.softmax(dim=1)  # [B/G, G], 0 for fillers
+        r = rewards.view(-1, G)
+        J = (w * r).sum(1, keepdim=True)  # [B/G, 1]
+        std = (w * (r - J) ** 2).sum(1, keepdim=True).sqrt()
+        adv = G * w * (r - J)
+        if self.cfg.scale_by_std:
+            adv = adv / (std + 1e-4)
+        same_score = (r.masked_fill(~real, -torch.inf).amax(1) == r.masked_fill(~real, torch.inf).amin(1))  # [B/G]
+        adv = torch.where(same_score[:, None], 0.0, adv)  # exactly 0, not float noise: skipped in training
+        return adv.reshape(-1), {"charts/frac_zero_std_groups": float(same_score.float().mean()),
+                                 "charts/beam_mass": float(logp.logsumexp(1).exp().mean()),
+                                 "charts/beam_expected_reward": float(J.mean()),
+                                 "charts/beam_candidates": float(real.sum(1).float().mean())}
 
     def _merge_duplicates(self, ro: Rollout, rows: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep one row per distinct completion of a group, weighted by its count: `(rows [R'], weight [B])`.

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -281,6 +282,8 @@ class LMPolicy(nn.Module):
         stop_token_ids: Sequence[int] | None = None,
         num_samples: int = 1,
         stop_text: Callable[[str], bool] | None = None,
+        beam: bool = False,
+        beam_min_prob: float = 1e-3,
     ) -> Rollout:
         """Sample (or greedily decode) up to `max_new_tokens` tokens per prompt, with a KV cache.
 
@@ -291,6 +294,8 @@ class LMPolicy(nn.Module):
         prompt cost of a GRPO-style group.
         `stop_text(text_so_far)` (e.g. `TextGame.answer_done`), if given, is asked after every token about each
         unfinished completion; True ends it there, the token just sampled being its last (as a stop token is).
+        `beam=True`: instead of sampling, return for each prompt its `num_samples` most probable *distinct*
+        completions, found by beam search under softmax(logits / temperature) (`_beam_loop`).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -303,6 +308,9 @@ class LMPolicy(nn.Module):
         self.eval()
         try:
             with self._precision():
+                if beam:
+                    return self._beam_loop(prompt_ids, max_new_tokens, temperature, stops, num_samples, stop_text,
+                                           beam_min_prob)
                 return self._sample_loop(prompt_ids, max_new_tokens, temperature, top_p, greedy, generator, stops,
                                          num_samples, stop_text)
         finally:
@@ -378,6 +386,88 @@ class LMPolicy(nn.Module):
             completion_mask=completion_mask,
             logprobs=torch.stack(logps, dim=1),
             finished=done,
+            texts=self.decode(completion_ids, completion_mask),
+        )
+
+    def _beam_loop(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, stops: Tensor,
+                   width: int, stop_text: Callable[[str], bool] | None, min_prob: float) -> Rollout:
+        """Beam search: the `width` most probable distinct completions of each prompt, rows u*width .. u*width+width-1.
+
+        Each step extends every open hypothesis by its `width` most likely tokens, and each prompt keeps the
+        `width` best of those and of its finished hypotheses (by log p(completion so far)). A candidate less
+        likely than `min_prob` times the prompt's best is dropped: it would carry no weight, only cost. A prompt
+        left with fewer than `width` completions repeats its most likely one to fill its rows; the copies are
+        exact duplicates (same tokens), which is how `LMAgent` tells them apart. `logprobs` are per token, as
+        in sampling, so a row's log p(completion) is their sum."""
+        prompt, prompt_mask = self.pad_prompts(prompt_ids)  # [U, P]
+        cache = DynamicCache(config=self.model.config)
+        out = _prefill(self.model, prompt, prompt_mask, cache, logits_to_keep=1)
+        logits = out.logits[:, -1].float()  # [N, V], one row per open hypothesis; at first the U prompts
+        node_mask, node_position = prompt_mask, prompt_mask.sum(-1)  # [N, P + t], [N]
+        U = len(prompt)
+        # A hypothesis: (score = log p so far, tokens, per-token log-probs, ended by a stop token / stop_text).
+        open_hyps: list[list[tuple[float, list[int], list[float]]]] = [[(0.0, [], [])] for _ in range(U)]
+        done: list[list[tuple[float, list[int], list[float], bool]]] = [[] for _ in range(U)]
+        stop_set, cut = set(stops.tolist()), math.log(min_prob)
+        for t in range(max_new_tokens):
+            top_lp, top_tok = F.log_softmax(logits / temperature, dim=-1).topk(width, dim=-1)  # [N, width] each
+            top_lp, top_tok = top_lp.tolist(), top_tok.tolist()
+            n, parents, extended = 0, [], []
+            for u in range(U):
+                cands = [(h[0], -1, h) for h in done[u]]  # (score, parent node or -1 if finished, hypothesis)
+                for score, tokens, lps in open_hyps[u]:
+                    cands += [(score + lp, n, (score + lp, tokens + [tok], lps + [lp]))
+                              for lp, tok in zip(top_lp[n], top_tok[n])]
+                    n += 1
+                cands.sort(key=lambda c: -c[0])
+                kept = [c for c in cands[:width] if c[0] >= cands[0][0] + cut]
+                done[u] = [h for _, parent, h in kept if parent < 0]
+                open_hyps[u] = []
+                for _, parent, h in kept:
+                    if parent >= 0:
+                        extended.append((u, parent, h))
+            # Which extended hypotheses end here: a stop token, the game's stop_text, or the token limit.
+            texts = self.tokenizer.batch_decode([h[1] for _, _, h in extended], skip_special_tokens=True) \
+                if stop_text is not None else [None] * len(extended)
+            for (u, parent, h), text in zip(extended, texts):
+                ended = h[1][-1] in stop_set or (text is not None and stop_text(text))
+                if ended or t == max_new_tokens - 1:
+                    done[u].append((*h, ended))
+                else:
+                    open_hyps[u].append(h)
+                    parents.append(parent)
+            if not parents:
+                break
+            # Keys/values follow their hypotheses; one cached step per open hypothesis, at position P_real + t.
+            parent = torch.as_tensor(parents, dtype=torch.long, device=self.device)
+            cache.batch_select_indices(parent)
+            node_mask, node_position = node_mask[parent], node_position[parent]
+            node_mask = torch.cat([node_mask, node_mask.new_ones(len(parent), 1)], dim=1)
+            last = torch.as_tensor([h[1][-1] for hyps in open_hyps for h in hyps], device=self.device)
+            out = self.model(input_ids=last[:, None], attention_mask=node_mask,
+                             position_ids=(node_position + t)[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+
+        rows = []
+        for u in range(U):
+            best = sorted(done[u], key=lambda h: -h[0])
+            rows += best + [best[0]] * (width - len(best))  # too few worth keeping: repeat the best
+        T = max(len(h[1]) for h in rows)
+        completion_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        completion_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        logprobs = torch.zeros((len(rows), T))
+        for i, (_, tokens, lps, _) in enumerate(rows):
+            completion_ids[i, :len(tokens)] = torch.as_tensor(tokens)
+            completion_mask[i, :len(tokens)] = 1
+            logprobs[i, :len(tokens)] = torch.as_tensor(lps)
+        completion_ids, completion_mask = completion_ids.to(self.device), completion_mask.to(self.device)
+        return Rollout(
+            prompt_ids=prompt.repeat_interleave(width, dim=0),
+            prompt_mask=prompt_mask.repeat_interleave(width, dim=0),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            logprobs=logprobs.to(self.device),
+            finished=torch.as_tensor([h[3] for h in rows], device=self.device),
             texts=self.decode(completion_ids, completion_mask),
         )
 

@@ -158,6 +158,43 @@ def test_identical_completions_train_as_one_weighted_row(monkeypatch):
     assert m_merged["losses/entropy"] == pytest.approx(m_all["losses/entropy"], rel=1e-4)
 
 
+def test_beam_groups_step_along_the_exact_gradient_over_their_candidates(monkeypatch):
+    """With group_from=beam a group is its prompt's most probable distinct completions, and the update is the
+    exact gradient of their probability-weighted reward J = sum_i w_i R_i, w = softmax(log p(y_i)) over the
+    group: the parameter step (plain SGD) points along grad J. A filler row (a copy of the best candidate) adds
+    nothing, and a group whose candidates all scored alike gives no signal and is not trained."""
+    import torch
+
+    from llm_bridge.agent import LMAgent
+
+    # Group 0: candidates y0, y1, y2, and a filler repeating y0; group 1: four candidates, all wrong.
+    rows, reward = [0, 1, 2, 0, 4, 5, 6, 7], [1, 0, 1, 1, 0, 0, 0, 0]
+    # A low temperature spreads the candidates' probabilities apart (a random tiny model's are nearly equal).
+    cfg = dict(group_from="beam", beam_min_prob=1e-300, temperature=0.1)
+    seen, delta, metrics, ro = sgd_step(monkeypatch, reward, rows, **cfg)
+    assert len(set(ro.texts[:3])) == 3 and ro.texts[3] == ro.texts[0]
+    assert metrics["charts/trained_completions"] == 3 and seen == [3]
+    assert metrics["charts/frac_zero_std_groups"] == 0.5
+    # The same initial weights (same seed), and grad J by autograd over the three candidates of group 0.
+    torch.manual_seed(0)
+    agent = LMAgent(LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, dtype="float32", **cfg),
+                    num_envs=8, device=torch.device("cpu"), seed=0)
+    logp = agent.policy.evaluate(ro[[0, 1, 2]], temperature=0.1).logprobs.sum(1)  # [3] log p(y_i), with grad
+    assert logp.softmax(0).max() > 0.5  # far from equal weights
+    J = (logp.softmax(0) * torch.tensor([1.0, 0.0, 1.0])).sum()
+    grads = torch.autograd.grad(J, agent.policy.trainable_parameters(), allow_unused=True)
+    grad = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                      for p, g in zip(agent.policy.trainable_parameters(), grads)])
+    # The loss is a token mean of advantage x ratio, with advantages G w_i (R_i - J) / std_w(R): so -grad(loss),
+    # the SGD step, is grad J x G / (std + 1e-4) / (tokens of the three rows).
+    w, R = logp.detach().softmax(0), torch.tensor([1.0, 0.0, 1.0])
+    std = (w * (R - (w * R).sum()) ** 2).sum().sqrt()
+    tokens = ro.completion_mask[:3].sum()
+    torch.testing.assert_close(delta, grad * 4 / (std + 1e-4) / tokens, rtol=1e-3, atol=1e-7)
+    assert metrics["charts/beam_candidates"] == 3.5  # 3 distinct in group 0, 4 in group 1
+    assert 0 < metrics["charts/beam_mass"] <= 1
+
+
 def test_dynamic_sampling_waits_for_informative_completions():
     """With `min_informative`, batches whose groups all scored alike are kept sampling past: the update waits
     until enough completions carry a nonzero advantage, then trains on the informative rows of every batch sampled

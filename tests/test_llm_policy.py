@@ -96,6 +96,56 @@ def test_stop_text_ends_a_completion_at_the_first_token_that_satisfies_it(tiny_p
     assert (policy.evaluate(r).logprobs - r.logprobs).abs().max() < 1e-4
 
 
+def test_beam_search_returns_the_most_probable_distinct_completions(tiny_policy: LMPolicy) -> None:
+    """`generate(beam=True)`: per prompt, `num_samples` distinct completions, most probable first, whose per-token
+    log-probs score exactly in the training pass. Width 1 is greedy decoding; over one token the beam is exactly
+    the top tokens; over two tokens with a beam as wide as the vocabulary it is exactly the best sequences."""
+    policy = tiny_policy
+    ids = policy.encode_prompts(PROMPTS)
+    stops = _some_of_vocab(policy)
+    r = policy.generate(ids, 6, num_samples=4, beam=True, stop_token_ids=stops, beam_min_prob=1e-300)
+    assert len(r) == 4 * len(PROMPTS)
+    seq_logp = r.logprobs.sum(1).view(-1, 4)
+    assert (seq_logp[:, :-1] >= seq_logp[:, 1:] - 1e-6).all(), "rows are not sorted most probable first"
+    for u in range(len(PROMPTS)):
+        rows = {tuple(r.completion_ids[i, r.completion_mask[i].bool()].tolist()) for i in range(4 * u, 4 * u + 4)}
+        assert len(rows) == 4, "a prompt's beam rows must be distinct"
+    for i in range(len(r)):
+        n = int(r.completion_mask[i].sum())
+        assert bool(r.finished[i]) == (int(r.completion_ids[i, n - 1]) in stops) and (n == 6 or r.finished[i])
+    assert (policy.evaluate(r).logprobs - r.logprobs).abs().max() < 1e-4
+    greedy = policy.generate(ids, 6, greedy=True, stop_token_ids=stops)
+    width1 = policy.generate(ids, 6, num_samples=1, beam=True, stop_token_ids=stops)
+    assert torch.equal(greedy.completion_ids, width1.completion_ids)
+    # One token: the beam is the top-4 tokens of the first step.
+    one = policy.generate(ids, 1, num_samples=4, beam=True)
+    first = policy.generate(ids, 1, greedy=True)  # only to read the prompt layout
+    with torch.no_grad():
+        logits = policy.model(input_ids=first.prompt_ids, attention_mask=first.prompt_mask,
+                              position_ids=(first.prompt_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    assert torch.equal(one.completion_ids[:, 0].view(-1, 4), logits.topk(4, dim=-1).indices)
+    # Two tokens, a beam the width of the vocabulary: the exact 3 best of all V^2 sequences (stop tokens end early).
+    V = policy.model.get_output_embeddings().weight.shape[0]
+    if V <= 512:
+        prompt = ids[1:2]
+        wide = policy.generate(prompt, 2, num_samples=V, beam=True, stop_token_ids=stops, beam_min_prob=1e-300)
+        with torch.no_grad():
+            lp1 = policy.model(input_ids=torch.tensor(prompt)).logits[0, -1].log_softmax(-1)  # [V]
+            both = torch.cat([torch.tensor(prompt * V), torch.arange(V)[:, None]], dim=1)
+            lp2 = policy.model(input_ids=both).logits[:, -1].log_softmax(-1)  # [V, V]
+        total = lp1[:, None] + lp2  # [V, V]
+        is_stop = torch.zeros(V, dtype=torch.bool)
+        is_stop[stops] = True
+        total[is_stop] = float("-inf")
+        scores = torch.cat([lp1[is_stop], total.flatten()])
+        best = scores.topk(3).values
+        torch.testing.assert_close(wide.logprobs.sum(1)[:3], best, atol=1e-4, rtol=0)
+    # min_prob prunes: with 1.0 only the best candidate survives each step, and the other rows repeat it.
+    pruned = policy.generate(ids, 6, num_samples=3, beam=True, stop_token_ids=stops, beam_min_prob=1.0)
+    assert torch.equal(pruned.completion_ids[0::3], pruned.completion_ids[1::3])
+    assert torch.equal(pruned.completion_ids[0::3], pruned.completion_ids[2::3])
+
+
 def test_top_p_samples_only_from_nucleus(tiny_policy: LMPolicy) -> None:
     """Every token sampled with top_p lies in the nucleus of its (temperature-scaled) distribution."""
     policy = tiny_policy

@@ -47,13 +47,14 @@ class LMConfig:
     away, see llm_bridge.policy)."""
     group_size: int = 4
     """Completions per prompt (sampled, or the beam's); num_envs (completions per step) must be a multiple of it."""
-    group_from: Literal["sample", "beam"] = "sample"
-    """Where a group's completions come from. sample: group_size samples from the policy (GRPO). beam: the
-    prompt's group_size most probable distinct completions (beam search), each weighted by its probability
-    among them: the exact gradient of the expected reward over those candidates, no sampling noise
-    (`LMAgent._beam_advantages`). Needs advantage=group and no KL or entropy term."""
+    beam: int = 0
+    """Completions of each group found by beam search instead of sampled: the prompt's `beam` most probable
+    distinct ones, weighted by their probability (`LMAgent._beam_advantages`). 0 = all sampled (GRPO). With
+    0 < beam < group_size the rest are samples, which stand for the policy outside the beam (sum-and-sample:
+    unbiased); with beam = group_size the gradient is the exact one of the reward over the beam alone. Needs
+    advantage=group and no KL or entropy term."""
     beam_min_prob: float = 1e-3
-    """With group_from=beam: leave out candidates less likely than this times the prompt's most likely one."""
+    """With `beam`: leave out candidates less likely than this times the prompt's most likely one."""
     max_new_tokens: int = 16
     """Longest completion, in tokens."""
     temperature: float = 1.0
@@ -149,12 +150,12 @@ class LMConfig:
             raise ValueError(f"llm_lr and value_lr must be positive, got {self.llm_lr} and {self.value_lr}.")
         if self.dtype not in ("auto", "mixed", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: use auto, mixed, float32, bfloat16 or float16.")
-        if self.group_from not in ("sample", "beam"):
-            raise ValueError(f"group_from={self.group_from!r}: use sample or beam.")
-        if self.group_from == "beam" and (self.advantage != "group" or self.kl_coef or self.ent_bonus):
-            raise ValueError("group_from=beam weighs each candidate by its probability, which only the group "
-                             "advantage does: use advantage=group with kl_coef=0 and ent_bonus=0 (the KL and "
-                             "entropy terms need samples from the policy).")
+        if not 0 <= self.beam <= self.group_size:
+            raise ValueError(f"beam must be in [0, group_size={self.group_size}], got {self.beam}.")
+        if self.beam and (self.advantage != "group" or self.kl_coef or self.ent_bonus):
+            raise ValueError("beam weighs each candidate by its probability, which only the group advantage does: "
+                             "use advantage=group with kl_coef=0 and ent_bonus=0 (the KL and entropy terms need "
+                             "samples from the policy).")
         if not 0 < self.beam_min_prob <= 1:
             raise ValueError(f"beam_min_prob must be in (0, 1], got {self.beam_min_prob}.")
         if self.min_informative < 0 or self.max_sample_batches < 1:
@@ -219,10 +220,23 @@ class LMAgent:
         if n > 1 and any(prompts[i] != prompts[i - i % n] for i in range(len(prompts))):
             n = 1  # not grouped after all (a custom env): sample each slot on its own
         ids = self.policy.encode_prompts(prompts[::n], system=self.cfg.system_prompt)
-        rollout = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                       top_p=self.cfg.top_p, greedy=not explore, num_samples=n,
-                                       stop_text=self.answer_done, beam=explore and self.cfg.group_from == "beam",
-                                       beam_min_prob=self.cfg.beam_min_prob)
+        K = self.cfg.beam if explore and n == self.cfg.group_size else 0  # rows per group from beam search
+        rollout = None
+        if n > K:
+            rollout = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                           top_p=self.cfg.top_p, greedy=not explore, num_samples=n - K,
+                                           stop_text=self.answer_done)
+        if K:
+            beam = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                        num_samples=K, stop_text=self.answer_done, beam=True,
+                                        beam_min_prob=self.cfg.beam_min_prob)
+            if rollout is not None:  # each group: its K beam rows, then its n - K samples
+                U = len(ids)
+                order = [i for u in range(U) for i in [*range(u * K, u * K + K),
+                                                       *range(U * K + u * (n - K), U * K + (u + 1) * (n - K))]]
+                rollout = Rollout.cat([beam, rollout], pad_id=self.policy.pad_id)[order]
+            else:
+                rollout = beam
         if explore:
             self.rollout, self.prompts = rollout, list(prompts)
         return rollout.texts  # text for the checker only: training uses rollout's token ids
@@ -248,7 +262,7 @@ class LMAgent:
 
     def _advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Group baseline: advantages `[B]`, one per completion (broadcast over its tokens by the loss)."""
-        if self.cfg.group_from == "beam":
+        if self.cfg.beam:
             return self._beam_advantages(ro, rewards)
         groups = rewards.view(-1, self.cfg.group_size)  # [B/G, G]
         adv = groups - groups.mean(dim=1, keepdim=True)
@@ -258,38 +272,48 @@ class LMAgent:
         return adv.reshape(-1), {"charts/frac_zero_std_groups": float((std.squeeze(1) == 0).float().mean())}
 
     def _beam_advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Advantages `[B]` for groups of candidates from beam search: the exact policy gradient over them.
+        """Advantages `[B]` for groups whose first K rows came from beam search (and the other G - K were sampled).
 
-        A group holds its prompt's G most probable distinct completions y_1..G (filler rows repeat y_1). Over
-        that set S, with w_i = p(y_i) / sum_j p(y_j) (the policy restricted to S), the expected reward is
-        J = sum_i w_i R_i and its gradient is exactly
-            grad J = sum_i w_i (R_i - J) grad log p(y_i),
-        so the advantage of y_i is w_i (R_i - J): every candidate weighs by its probability, and a group in
-        which they all score the same has no signal, as with samples. Two scalings keep the step sizes those
-        of sampled groups: x G (the sampled estimate of the same gradient is a mean over G rows with advantages
-        R_i - mean), and, with scale_by_std, / the std of R under w (GRPO's per-prompt scaling). Once the
-        policy is sure of itself S holds nearly all of its mass (charts/beam_mass), and this is the gradient
-        that G samples only estimate: a wrong greedy answer with the right one second in line is always seen,
+        The beam rows are the prompt's K most probable distinct completions: a set S of known probabilities
+        p(y) (filler rows repeat the best and count once). The gradient of the expected reward splits over S
+        and the rest, with any constant baseline b:
+            grad J = sum_{y in S} p(y) (R(y) - b) grad log p(y)  +  E_{y ~ pi}[ 1{y not in S} (R(y) - b) grad log p(y) ]
+        The first sum is computed exactly; the G - K samples estimate the second (a sample that fell inside S is
+        already counted, so it gets 0): "sum and sample", unbiased, and exact once S holds all of the policy's
+        mass (charts/beam_mass). So a beam row's advantage is p(y) (R - b), a sample's 1{y not in S} (R - b) / M,
+        with b the estimate of J from the same sums. With no samples (K = G) the mass outside S is unknown, and
+        the gradient is instead the exact one of the policy restricted to S (w = p / p(S), b = sum w R):
+        the ranking among the candidates, which is what greedy decoding reads. Both are then scaled as GRPO
+        scales a sampled group: x G (its estimate is a mean over G rows) and, with scale_by_std, / the std of
+        R under the same weights. A wrong greedy answer with the right one second in line is seen in every batch,
         not one time in 1 - (1 - p)^G."""
-        G = self.cfg.group_size
-        ids = ro.completion_ids.masked_fill(~ro.completion_mask.bool(), -1).view(-1, G, ro.completion_ids.shape[1])
-        same = (ids[:, :, None] == ids[:, None, :]).all(-1)  # [B/G, G, G] row i has row j's tokens
-        earlier = torch.ones(G, G, dtype=torch.bool, device=ids.device).tril(-1)  # j < i
-        real = ~(same & earlier).any(-1)  # [B/G, G]: not a copy of an earlier row (fillers are)
-        logp = ro.logprobs.sum(1).view(-1, G).masked_fill(~real, -torch.inf)  # [B/G, G] log p(y_i)
-        w = logp.softmax(dim=1)  # [B/G, G], 0 for fillers
+        G, K = self.cfg.group_size, self.cfg.beam
+        M = G - K
+        mask = ro.completion_mask.bool()
+        ids = ro.completion_ids.masked_fill(~mask, -1).view(-1, G, ro.completion_ids.shape[1])  # [B/G, G, T]
+        same = (ids[:, :, None] == ids[:, None, :K]).all(-1)  # [B/G, G, K] row i has beam row j's tokens
+        earlier = torch.ones(G, K, dtype=torch.bool, device=ids.device).tril(-1)  # j < i
+        first = ~(same & earlier).any(-1)  # [B/G, G] not a copy of an earlier beam row
+        beam_real = first[:, :K]  # [B/G, K] distinct beam candidates (fillers repeat the best)
+        logp = ro.logprobs.sum(1).view(-1, G)[:, :K].masked_fill(~beam_real, -torch.inf)  # [B/G, K] log p(y)
+        outside = ~same[:, K:].any(-1)  # [B/G, M] samples that the beam did not already count
         r = rewards.view(-1, G)
+        if M:
+            w = torch.cat([logp.exp(), outside.float() / M], dim=1)  # [B/G, G]
+        else:
+            w = logp.softmax(dim=1)  # [B/G, G]: p(y) / p(S)
         J = (w * r).sum(1, keepdim=True)  # [B/G, 1]
-        std = (w * (r - J) ** 2).sum(1, keepdim=True).sqrt()
+        std = (w * (r - J) ** 2).sum(1, keepdim=True).clamp(min=0).sqrt()
         adv = G * w * (r - J)
         if self.cfg.scale_by_std:
             adv = adv / (std + 1e-4)
-        same_score = (r.masked_fill(~real, -torch.inf).amax(1) == r.masked_fill(~real, torch.inf).amin(1))  # [B/G]
+        counted = w > 0  # [B/G, G] the rows that enter the sums
+        same_score = r.masked_fill(~counted, -torch.inf).amax(1) == r.masked_fill(~counted, torch.inf).amin(1)
         adv = torch.where(same_score[:, None], 0.0, adv)  # exactly 0, not float noise: skipped in training
         return adv.reshape(-1), {"charts/frac_zero_std_groups": float(same_score.float().mean()),
                                  "charts/beam_mass": float(logp.logsumexp(1).exp().mean()),
                                  "charts/beam_expected_reward": float(J.mean()),
-                                 "charts/beam_candidates": float(real.sum(1).float().mean())}
+                                 "charts/beam_candidates": float(beam_real.sum(1).float().mean())}
 
     def _merge_duplicates(self, ro: Rollout, rows: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep one row per distinct completion of a group, weighted by its count: `(rows [R'], weight [B])`.

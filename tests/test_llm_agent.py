@@ -82,7 +82,9 @@ def test_resume_takes_the_learning_rate_given_now(tmp_path):
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--group-size", "3"], "group_size"), (["--group-size", "1"], "group_size"), (["--llm-lr", "0"], "llm_lr")],
+    [(["--group-size", "3"], "group_size"), (["--group-size", "1"], "group_size"), (["--llm-lr", "0"], "llm_lr"),
+     (["--beam", "5"], "beam must be in"), (["--beam", "2", "--kl-coef", "0.1"], "advantage=group with kl_coef=0"),
+     (["--beam", "2", "--beam-min-prob", "0"], "beam_min_prob")],
 )
 def test_lm_bad_hyperparameters(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -170,7 +172,7 @@ def test_beam_groups_step_along_the_exact_gradient_over_their_candidates(monkeyp
     # Group 0: candidates y0, y1, y2, and a filler repeating y0; group 1: four candidates, all wrong.
     rows, reward = [0, 1, 2, 0, 4, 5, 6, 7], [1, 0, 1, 1, 0, 0, 0, 0]
     # A low temperature spreads the candidates' probabilities apart (a random tiny model's are nearly equal).
-    cfg = dict(group_from="beam", beam_min_prob=1e-300, temperature=0.1)
+    cfg = dict(beam=4, beam_min_prob=1e-300, temperature=0.1)
     seen, delta, metrics, ro = sgd_step(monkeypatch, reward, rows, **cfg)
     assert len(set(ro.texts[:3])) == 3 and ro.texts[3] == ro.texts[0]
     assert metrics["charts/trained_completions"] == 3 and seen == [3]
@@ -193,6 +195,70 @@ def test_beam_groups_step_along_the_exact_gradient_over_their_candidates(monkeyp
     torch.testing.assert_close(delta, grad * 4 / (std + 1e-4) / tokens, rtol=1e-3, atol=1e-7)
     assert metrics["charts/beam_candidates"] == 3.5  # 3 distinct in group 0, 4 in group 1
     assert 0 < metrics["charts/beam_mass"] <= 1
+
+
+def test_beam_plus_samples_counts_the_beam_exactly_and_samples_outside_it(monkeypatch):
+    """beam=K < group_size ("sum and sample"): the K beam rows enter with weight p(y), the samples with 1/M each,
+    except a sample that repeats a beam candidate (already counted exactly), which gets nothing."""
+    import torch
+
+    from llm_bridge.agent import LMAgent
+
+    # Group 0: beam rows y0, y1, then a sample that repeats y0 and a sample s of its own; group 1: all wrong.
+    rows, reward = [0, 1, 0, 3, 4, 5, 6, 7], [1, 0, 1, 1, 0, 0, 0, 0]
+    cfg = dict(beam=2, beam_min_prob=1e-300, temperature=0.2)
+    seen, delta, metrics, ro = sgd_step(monkeypatch, reward, rows, **cfg)
+    assert ro.texts[3] not in (ro.texts[0], ro.texts[1]) and ro.texts[0] != ro.texts[1]
+    assert metrics["charts/trained_completions"] == 3 and seen == [3]
+    torch.manual_seed(0)
+    agent = LMAgent(LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, dtype="float32", **cfg),
+                    num_envs=8, device=torch.device("cpu"), seed=0)
+    logp = agent.policy.evaluate(ro[[0, 1, 3]], temperature=0.2).logprobs.sum(1)  # [3]: y0, y1, s
+    R = torch.tensor([1.0, 0.0, 1.0])
+    w = torch.cat([logp[:2].detach().exp(), torch.tensor([1 / 2])])  # p(y0), p(y1), 1/M for s
+    J = (w * R).sum()
+    adv = 4 * w * (R - J) / ((w * (R - J) ** 2).sum().sqrt() + 1e-4)
+    loss = (adv * logp).sum() / ro.completion_mask[[0, 1, 3]].sum()
+    grads = torch.autograd.grad(loss, agent.policy.trainable_parameters(), allow_unused=True)
+    grad = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                      for p, g in zip(agent.policy.trainable_parameters(), grads)])
+    torch.testing.assert_close(delta, grad, rtol=1e-3, atol=1e-7)
+
+
+def test_beam_plus_samples_estimates_the_policy_gradient():
+    """Unbiased up to the group baseline's usual shrink: over one-token answers (where the exact gradient of
+    J = sum_v p(v) R(v) is one softmax away), the mean update direction of beam=2 + 2 samples is grad J."""
+    import torch
+
+    from llm_bridge.agent import LMAgent
+
+    torch.manual_seed(0)
+    cfg = LMConfig(model="tiny-bytes", group_size=4, beam=2, max_new_tokens=1, dtype="float32", scale_by_std=False,
+                   temperature=0.3)
+    agent = LMAgent(cfg, num_envs=4, device=torch.device("cpu"), seed=0)
+    policy, params = agent.policy, agent.policy.trainable_parameters()
+
+    def flat(grads):
+        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+    def reward(tokens):
+        return (tokens % 3 == 0).float()  # a third of the vocabulary is "right"
+
+    logits = policy.model(input_ids=torch.tensor(policy.encode_prompts(["hi"]))).logits[0, -1] / 0.3
+    probs = logits.softmax(-1)
+    assert 0.05 < probs.topk(2).values.sum() < 0.95  # the beam holds some of the mass, not all
+    exact = flat(torch.autograd.grad((probs * reward(torch.arange(len(probs)))).sum(), params, allow_unused=True))
+    total, n = torch.zeros_like(exact), 150
+    for _ in range(n):
+        agent.act(["hi"] * 4)
+        ro = agent.rollout
+        adv, _ = agent._beam_advantages(ro, reward(ro.completion_ids[:, 0]))
+        if adv.any():
+            logp = policy.evaluate(ro, 0.3).logprobs.sum(1)
+            total += flat(torch.autograd.grad((adv * logp).sum(), params, allow_unused=True))
+    estimate = total / n / 4  # advantages carry x G
+    assert torch.nn.functional.cosine_similarity(estimate, exact, dim=0) > 0.85
+    assert 0.5 < estimate.norm() / exact.norm() < 1.0  # the baseline includes the samples: (M - 1) / M shrink
 
 
 def test_dynamic_sampling_waits_for_informative_completions():

@@ -113,6 +113,12 @@ class LMConfig:
     merge_duplicates: bool = True
     """With `skip_zero_advantage`: train identical completions of a group as one row that counts once per copy
     (exact: same tokens, same loss terms). The training pass then costs distinct completions, not samples."""
+    prompt_grad: bool = True
+    """Backpropagate through the prompt too (the exact gradient). --no-prompt-grad runs the prompt, up to its last
+    token, without a graph: the loss and the log-probs are unchanged, but the prompt's keys and values become
+    constants, so the gradient keeps only the paths through the completion positions and the backward pass
+    costs the completion tokens alone (the prompt is most of a short answer's tokens). An approximation;
+    measured in docs/llm.md."""
     revisit: float = 0.0
     """Fraction of each batch's prompts that re-ask a recent training problem whose group was mixed (some samples
     right, some wrong): the ones with signal in them (`games.text.TextGame`; 0 = every prompt fresh)."""
@@ -174,6 +180,7 @@ class LMAgent:
         self.answer_done = answer_done if cfg.stop_at_answer else None  # the game's "the answer has ended"
         self.policy = LMPolicy.from_name(cfg.model, device=str(device), dtype=cfg.dtype,
                                          value_head=cfg.advantage == "value", reference=True, seed=seed)
+        self.policy.prompt_grad = cfg.prompt_grad
         lm_params = [p for p in self.policy.model.parameters() if p.requires_grad]  # not the frozen reference
         groups = [{"params": lm_params, "lr": cfg.llm_lr}]  # group 0: the LM (charts/learning_rate)
         if self.policy.value_head is not None:

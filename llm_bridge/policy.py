@@ -172,6 +172,8 @@ class LMPolicy(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
+        # evaluate(): gradients through the prompt's hidden states too (exact), or only from its last token on.
+        self.prompt_grad = True
         # Forward passes (sampling and scoring) run under torch.autocast(autocast) when set: mixed precision.
         self.autocast_dtype = autocast
         self.tokenizer = tokenizer
@@ -495,7 +497,8 @@ class LMPolicy(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         prompt_ids, prompt_mask, completion_ids, completion_mask = _unpack(batch)
         with self._precision():
-            h = _completion_hidden(model.get_decoder(), prompt_ids, prompt_mask, completion_ids, completion_mask)
+            h = _completion_hidden(model.get_decoder(), prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                   prompt_grad=self.prompt_grad or not torch.is_grad_enabled())
             logits = model.get_output_embeddings()(h).float() / temperature  # [B, T, V]
         log_z = logits.logsumexp(dim=-1)  # [B, T] log of the softmax normaliser
         logprobs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_z  # [B, T]
@@ -556,7 +559,7 @@ def _prefill(model: nn.Module, ids: Tensor, mask: Tensor, cache: DynamicCache, m
 
 
 def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                       completion_mask: Tensor) -> Tensor:
+                       completion_mask: Tensor, prompt_grad: bool = True) -> Tensor:
     """Hidden states [B, T, H] from which the T completion tokens are predicted (with gradients).
 
     Token t of a completion is predicted from the hidden state one step before it: the last prompt column
@@ -571,13 +574,17 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     tokens in identical contexts have identical hidden states, and autograd sums the rows' gradients back
     into the one shared pass. With 46 prompt tokens, 12 completion tokens of which 8 are shared, and G = 4, it
     is ~3x less compute than one pass over [B, P+T].
+
+    `prompt_grad=False` runs the prompt (all but its last token) without a graph: the same values, but its
+    keys and values are constants of the loss, so the gradient flows only through the positions from the last
+    prompt token on. Not exact: an approximation that makes the backward pass cost the completions only.
     """
     B, P = prompt_ids.shape
     T = completion_ids.shape[1]
     device = prompt_ids.device
     # Distinct (ids, mask) rows; `inverse` [B] maps each row to its prompt in `distinct` [U, 2P].
     distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
-    if len(distinct) == len(prompt_ids):  # nothing shared: one pass over prompt + completion
+    if len(distinct) == len(prompt_ids) and prompt_grad:  # nothing shared: one pass over prompt + completion
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+T]
@@ -601,8 +608,17 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     u_ids = torch.cat([prompt_ids[rep], torch.where(in_stem, completion_ids[rep, :L], 0)], dim=1)  # [U, P+L]
     u_mask = torch.cat([prompt_mask[rep], in_stem.long()], dim=1)  # [U, P+L]
     cache = DynamicCache(config=decoder.config)
-    # Column P-1+t predicts completion token t (t <= L_u): keep those columns out of the shared prefix.
-    u_hidden = _prefill(decoder, u_ids, u_mask, cache, max_shared=P - 1).last_hidden_state  # [U, P+L-k, H]
+    if prompt_grad or P == 1:
+        # Column P-1+t predicts completion token t (t <= L_u): keep those columns out of the shared prefix.
+        u_hidden = _prefill(decoder, u_ids, u_mask, cache, max_shared=P - 1).last_hidden_state  # [U, P+L-k, H]
+    else:
+        # The prompt up to its last token as constants: its keys/values without a graph. The last prompt column
+        # (it predicts completion token 0) and the stem run with gradients on top.
+        with torch.no_grad():
+            _prefill(decoder, u_ids[:, : P - 1], u_mask[:, : P - 1], cache)
+        positions = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P+L]
+        u_hidden = decoder(input_ids=u_ids[:, P - 1 :], attention_mask=u_mask, position_ids=positions[:, P - 1 :],
+                           past_key_values=cache, use_cache=True).last_hidden_state  # [U, 1+L, H]
     offset = P + L - u_hidden.shape[1]  # the k shared columns are not in u_hidden
     t = torch.arange(T, device=device)  # [T]
     stem_b = stem_u[inverse]  # [B]

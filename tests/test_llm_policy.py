@@ -228,6 +228,54 @@ def test_shared_prompt_pass_scores_and_differentiates_like_separate_rows(tiny_po
     assert (shared_g - alone_g).norm() < 1e-4 * alone_g.norm()
 
 
+def test_no_prompt_grad_keeps_the_values_and_drops_only_the_prompt_paths(tiny_policy: LMPolicy) -> None:
+    """`prompt_grad=False`: the same log-probs, and the gradient of a model whose keys and values at the prompt
+    columns before the last are constants. The reference scores each row on its own in one plain pass, with hooks
+    that detach those columns after the embedding, every layer and every key and value projection."""
+    policy = tiny_policy
+    g = torch.Generator().manual_seed(5)
+    ids = policy.encode_prompts(["What is 1 + 2?", "Repeat the digit 7, please, many times.", "hi"])
+    r = policy.generate(ids, 6, num_samples=3, generator=g, stop_token_ids=_some_of_vocab(policy))
+    weights = torch.linspace(-1, 1, len(r))[:, None]  # some loss that is not symmetric in the rows
+    decoder = policy.model.get_decoder()
+
+    def grad_of(batches, detach_before: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        def cut(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h = torch.cat([h[:, :detach_before].detach(), h[:, detach_before:]], dim=1)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        hooks = [] if detach_before is None else [m.register_forward_hook(cut)
+                                                  for m in [decoder.embed_tokens, *decoder.layers,
+                                                            *(l.self_attn.k_proj for l in decoder.layers),
+                                                            *(l.self_attn.v_proj for l in decoder.layers)]]
+        policy.zero_grad(set_to_none=True)
+        lps = []
+        try:
+            for rows, b in batches:
+                lp = policy.evaluate(b).logprobs
+                (lp * weights[rows]).sum().backward()
+                lps.append(lp.detach())
+        finally:
+            for h in hooks:
+                h.remove()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in policy.model.parameters()])
+        policy.zero_grad(set_to_none=True)
+        return torch.cat(lps), grad
+
+    full_lp, full_g = grad_of([(slice(None), r)])
+    P = r.prompt_ids.shape[1]
+    policy.prompt_grad = False
+    try:
+        cut_lp, cut_g = grad_of([(slice(None), r)])
+    finally:
+        policy.prompt_grad = True
+    ref_lp, ref_g = grad_of([([i], r[[i]]) for i in range(len(r))], detach_before=P - 1)
+    assert (cut_lp - full_lp).abs().max() < 1e-4 and (ref_lp - full_lp).abs().max() < 1e-4
+    assert (cut_g - ref_g).norm() < 1e-4 * ref_g.norm()
+    assert (cut_g - full_g).norm() > 1e-2 * full_g.norm()  # it is a different gradient
+
+
 def test_shared_completion_stems_score_and_differentiate_like_separate_rows(tiny_policy: LMPolicy) -> None:
     """The G completions of a prompt often begin alike ("37 + 48 = " before the sum): evaluate runs each prompt
     with the completion tokens that all its rows share once, and only the rest per row. Log-probs, values and

@@ -11,11 +11,13 @@ update trains 8-16), and one AdamW step. Each variant below switches on one more
   +prefix       the columns that all prompts share (chat template, "What is ") run once (`policy._prefill`)
   +fused        `torch.optim.AdamW(fused=True)`: one kernel over all 135M weights
   +bf16         float32 weights, forward passes under bfloat16 autocast (`--dtype mixed`; the CPU default
-                where the CPU has AVX512-BF16 or AMX)
+                where the CPU has AVX512-BF16 or AMX; elsewhere this variant stays float32, as --dtype auto does)
   +nodes        sampling runs one forward per distinct (prompt, tokens so far), not per row
                 (`policy.SHARE_SAMPLING_NODES`)
   +stems        the training pass runs the completion tokens that all rows of a prompt share once
                 (`policy.SHARE_COMPLETION_STEMS`)
+  +no-prompt-grad   not exact, unlike the others: the training pass runs the prompt without a graph
+                (`--no-prompt-grad`: same log-probs, the gradient only through the completion positions)
 
 Completions here are real samples from SmolLM2 (answers to "What is A + B?"), so how many tokens the rows of a
 group share is what the model writes; `--answer-stop` ends them where the text game's checker stops reading,
@@ -47,8 +49,9 @@ import llm_bridge.policy as policy_module
 from agents.checkpoint import load_checkpoint
 from games import make
 from llm_bridge import LMPolicy, load_lm
+from llm_bridge.policy import cpu_has_bf16
 
-VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16", "+nodes", "+stems")
+VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16", "+nodes", "+stems", "+no-prompt-grad")
 
 
 def multinomial(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -75,6 +78,8 @@ def main() -> None:
     ap.add_argument("--answer-stop", action="store_true",
                     help="stop completions at EOS and where the addition checker stops reading, as in training "
                          "(default: always --max-new-tokens tokens, the same work in every variant)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="run only these (each still includes every change listed before it)")
     args = ap.parse_args()
     if args.rounds < 1 or args.train_rows > args.prompts * args.group_size:
         ap.error("--rounds must be >= 1 and --train-rows <= prompts x group size")
@@ -87,6 +92,7 @@ def main() -> None:
     stops = dict(stop_text=game.answer_done) if args.answer_stop else dict(stop_token_ids=[-1])  # -1: never stops
     plain = LMPolicy(model, tokenizer)  # both wrap the same weights
     mixed = LMPolicy(model, tokenizer, autocast=torch.bfloat16)
+    native_bf16 = cpu_has_bf16()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = {False: torch.optim.AdamW(params, lr=1e-9, weight_decay=0.0),  # lr ~0: the weights stay put
                   True: torch.optim.AdamW(params, lr=1e-9, weight_decay=0.0, fused=True)}
@@ -99,7 +105,9 @@ def main() -> None:
         policy_module._prefill = originals[1] if on >= 2 else whole_prompts
         policy_module.SHARE_SAMPLING_NODES = on >= 5
         policy_module.SHARE_COMPLETION_STEMS = on >= 6
-        policy, optimizer = (mixed if on >= 4 else plain), optimizers[on >= 3]
+        # bfloat16 only where the CPU has it natively (what --dtype auto does); elsewhere +bf16 equals +fused.
+        policy, optimizer = (mixed if on >= 4 and native_bf16 else plain), optimizers[on >= 3]
+        policy.prompt_grad = on < 7
         prompts = [f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}? Answer with just the number."
                    for _ in range(args.prompts)]
         t0 = time.perf_counter()
@@ -118,10 +126,11 @@ def main() -> None:
         t3 = time.perf_counter()
         return t1 - t0, t2 - t1, t3 - t2
 
-    times: dict[str, list[tuple[float, float, float]]] = {v: [] for v in VARIANTS}
+    variants = [v for v in VARIANTS if v in args.variants]
+    times: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     try:
         for r in range(args.rounds + 1):
-            for v in VARIANTS:
+            for v in variants:
                 t = step(v)
                 if r > 0:
                     times[v].append(t)
@@ -129,13 +138,14 @@ def main() -> None:
     finally:
         policy_module._inverse_cdf, policy_module._prefill = originals
         policy_module.SHARE_SAMPLING_NODES = policy_module.SHARE_COMPLETION_STEMS = True
+        plain.prompt_grad = mixed.prompt_grad = True
 
     print(f"\nSmolLM2-135M-Instruct{' from ' + args.from_run if args.from_run else ''}, {torch.get_num_threads()} threads, {args.prompts} x {args.group_size} "
           f"completions of {args.max_new_tokens} tokens, {args.train_rows} in the training pass; "
           f"median of {args.rounds} rounds, seconds")
-    print(f"{'variant':<10} {'generate':>9} {'train':>7} {'optim':>7} {'step':>7} {'vs baseline':>12}")
+    print(f"{'variant':<10} {'generate':>9} {'train':>7} {'optim':>7} {'step':>7} {'vs ' + variants[0]:>12}")
     base = None
-    for v in VARIANTS:
+    for v in variants:
         g, tr, o = (statistics.median(c) for c in zip(*times[v]))
         total = statistics.median(sum(t) for t in times[v])
         base = base or total

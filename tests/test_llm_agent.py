@@ -192,7 +192,8 @@ def test_beam_groups_step_along_the_exact_gradient_over_their_candidates(monkeyp
     w, R = logp.detach().softmax(0), torch.tensor([1.0, 0.0, 1.0])
     std = (w * (R - (w * R).sum()) ** 2).sum().sqrt()
     tokens = ro.completion_mask[:3].sum()
-    torch.testing.assert_close(delta, grad * 4 / (std + 1e-4) / tokens, rtol=1e-3, atol=1e-7)
+    expected = grad * 4 / (std + 1e-4) / tokens
+    torch.testing.assert_close(delta, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
     assert metrics["charts/beam_candidates"] == 3.5  # 3 distinct in group 0, 4 in group 1
     assert 0 < metrics["charts/beam_mass"] <= 1
 
@@ -222,7 +223,7 @@ def test_beam_plus_samples_counts_the_beam_exactly_and_samples_outside_it(monkey
     grads = torch.autograd.grad(loss, agent.policy.trainable_parameters(), allow_unused=True)
     grad = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
                       for p, g in zip(agent.policy.trainable_parameters(), grads)])
-    torch.testing.assert_close(delta, grad, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(delta, grad, rtol=1e-3, atol=1e-4 * float(grad.abs().max()))
 
 
 def test_beam_plus_samples_estimates_the_policy_gradient():

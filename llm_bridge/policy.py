@@ -172,7 +172,7 @@ class LMPolicy(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        # evaluate(): gradients through the prompt's hidden states too (exact), or only from its last token on.
+        # evaluate(): gradients through the prompt too (exact), or with its keys/values as constants (an approximation).
         self.prompt_grad = True
         # Forward passes (sampling and scoring) run under torch.autocast(autocast) when set: mixed precision.
         self.autocast_dtype = autocast

@@ -62,8 +62,8 @@ def multinomial(weights: torch.Tensor, generator: torch.Generator | None) -> tor
 def whole_prompts(model, ids, mask, cache, **kwargs):
     """The prompt pass before: every prompt run whole, shared columns included."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, **kwargs)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                 **policy_module.cached(model, cache), **kwargs)
 
 
 def main() -> None:

@@ -60,6 +60,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -376,7 +378,7 @@ class LMPolicy(nn.Module):
             # One cached step per node: the new token attends to everything so far, at position P_real + t.
             node_mask = torch.cat([node_mask, node_mask.new_ones(len(parent), 1)], dim=1)
             out = self.model(input_ids=node_token[:, None], attention_mask=node_mask,
-                             position_ids=(node_position + t)[:, None], past_key_values=cache, use_cache=True)
+                             position_ids=(node_position + t)[:, None], use_cache=True, **cached(self.model, cache))
             logits = out.logits[:, -1].float()  # [N', V]
 
         completion_ids = torch.stack(tokens, dim=1)  # [B, T]
@@ -447,7 +449,7 @@ class LMPolicy(nn.Module):
             node_mask = torch.cat([node_mask, node_mask.new_ones(len(parent), 1)], dim=1)
             last = torch.as_tensor([h[1][-1] for hyps in open_hyps for h in hyps], device=self.device)
             out = self.model(input_ids=last[:, None], attention_mask=node_mask,
-                             position_ids=(node_position + t)[:, None], past_key_values=cache, use_cache=True)
+                             position_ids=(node_position + t)[:, None], use_cache=True, **cached(self.model, cache))
             logits = out.logits[:, -1].float()
 
         rows = []
@@ -533,6 +535,18 @@ def policy_precision(dtype: str, device: torch.device) -> tuple[str, torch.dtype
     return dtype, None
 
 
+def cached(module: nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """The KV cache as a keyword argument, under the name `module.forward` takes: `cache` in recent transformers,
+    `past_key_values` in older ones. Why not always the old name: 5.2x deprecates it and 5.40 removes it, and a
+    forward that takes **kwargs would then swallow it without a word and run without the cache."""
+    return {_cache_kwarg(type(module)): cache}
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def _prefill(model: nn.Module, ids: Tensor, mask: Tensor, cache: DynamicCache, max_shared: int | None = None,
              **kwargs):
     """Run left-padded prompts [U, P] into `cache` and return the model's output for the last call.
@@ -551,11 +565,11 @@ def _prefill(model: nn.Module, ids: Tensor, mask: Tensor, cache: DynamicCache, m
     if len(ids) > 1 and 0 < k < ids.shape[1]:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # no logits for the prefix
         decoder(input_ids=ids[:1, :k], attention_mask=mask[:1, :k], position_ids=positions[:1, :k],
-                past_key_values=cache, use_cache=True)
+                use_cache=True, **cached(decoder, cache))
         cache.batch_repeat_interleave(len(ids))  # [1, heads, k, d] -> [U, heads, k, d]
         ids, positions = ids[:, k:], positions[:, k:]
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, **kwargs)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                 **cached(model, cache), **kwargs)
 
 
 def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
@@ -618,7 +632,7 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
             _prefill(decoder, u_ids[:, : P - 1], u_mask[:, : P - 1], cache)
         positions = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P+L]
         u_hidden = decoder(input_ids=u_ids[:, P - 1 :], attention_mask=u_mask, position_ids=positions[:, P - 1 :],
-                           past_key_values=cache, use_cache=True).last_hidden_state  # [U, 1+L, H]
+                           use_cache=True, **cached(decoder, cache)).last_hidden_state  # [U, 1+L, H]
     offset = P + L - u_hidden.shape[1]  # the k shared columns are not in u_hidden
     t = torch.arange(T, device=device)  # [T]
     stem_b = stem_u[inverse]  # [B]
@@ -637,7 +651,7 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     attention_mask = torch.cat([u_mask[inverse], rest_mask], dim=1)  # [B, P+L+R]
     positions = u_mask[inverse].sum(-1, keepdim=True) + r[None, :]  # [B, R]
     rest = decoder(input_ids=rest_ids, attention_mask=attention_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True).last_hidden_state  # [B, R, H]
+                   use_cache=True, **cached(decoder, cache)).last_hidden_state  # [B, R, H]
     # Token t > L_u is predicted by rest column t - 1 - L_u.
     rest_col = (t[None, :] - 1 - stem_b[:, None]).clamp(0, R - 1)  # [B, T]
     from_rest = rest.gather(1, rest_col[..., None].expand(B, T, rest.shape[-1]))  # [B, T, H]

@@ -4,6 +4,7 @@ Most tests use a tiny random Llama (fast, runs anywhere). The SmolLM2 test needs
 package and is skipped with a reason when it is missing.
 """
 
+import inspect
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network in this lab
@@ -14,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from llm_bridge import LMPolicy, Rollout, byte_tokenizer, kl_k3, kl_k3_per_token, load_lm, smollm2_gguf_path, tiny_lm
 from llm_bridge import models as models_module
@@ -351,10 +353,10 @@ def test_shared_prompt_prefix_runs_once_and_changes_nothing(tiny_policy: LMPolic
             h = _prefill(decoder, prompt, mask, cache).last_hidden_state[:, -1]  # [3, H]
         else:
             h = decoder(input_ids=prompt, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                        use_cache=True, **policy_module.cached(decoder, cache)).last_hidden_state[:, -1]
         # One more token on top of the cache, so the cached keys/values are checked (and differentiated) too.
         step = decoder(input_ids=prompt[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1),
-                       position_ids=mask.sum(-1, keepdim=True), past_key_values=cache, use_cache=True)
+                       position_ids=mask.sum(-1, keepdim=True), use_cache=True, **policy_module.cached(decoder, cache))
         nxt = step.last_hidden_state[:, -1]
         (h.sum() + nxt.pow(2).sum()).backward()
         grad = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
@@ -571,3 +573,23 @@ def test_cuda_mixed_precision_generation_and_scoring() -> None:
     assert (stats.logprobs - r.logprobs)[valid].abs().max() < 0.1
     assert stats.values.dtype == torch.float32 and torch.isfinite(stats.entropy).all()
     assert torch.equal(policy.ref_token_logprobs(r), stats.logprobs.detach())
+
+
+def test_cache_goes_under_the_name_the_forward_takes():
+    """transformers renames `past_key_values` to `cache` (deprecated in 5.2x, removed in 5.40): a forward with
+    **kwargs would swallow the old name and silently run without the cache, so `cached` asks the signature."""
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            return past_key_values
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+            return cache
+
+    cache = DynamicCache()
+    for module in (Old(), New()):
+        assert module(**policy_module.cached(module, cache)) is cache
+    model = tiny_lm(byte_tokenizer(), seed=0)
+    name, = policy_module.cached(model, cache)
+    assert name in inspect.signature(type(model).forward).parameters

@@ -95,6 +95,13 @@ class LMConfig:
     term). Their policy gradient is exactly 0 (advantage x grad log-prob), so this only saves their forward and
     backward; the loss becomes the token mean over the informative completions, as with DAPO's dynamic sampling.
     A group in which every sample scored the same is all zeros: often most of the batch once the model is good."""
+    loss_norm: Literal["trained", "sampled"] = "trained"
+    """What the token mean of the policy loss divides by. "trained": the tokens of the completions in the training
+    pass; with `skip_zero_advantage` those are the informative ones only, so every update is a full-size step
+    however few of the batch's samples carry signal (DAPO's normalisation). "sampled": the tokens of every
+    completion sampled for the update, as if the zero-advantage ones were trained too (they add 0 to the sum,
+    so skipping them is then exact): the step shrinks with the share of the batch that has signal, as in the
+    plain GRPO loss over the whole batch."""
     min_informative: int = 0
     """Dynamic sampling (DAPO): keep sampling batches, with the same weights, until at least this many completions
     have a nonzero advantage (or `max_sample_batches` were sampled), then make one update on all of them. Once
@@ -164,6 +171,8 @@ class LMConfig:
                              "samples from the policy).")
         if not 0 < self.beam_min_prob <= 1:
             raise ValueError(f"beam_min_prob must be in (0, 1], got {self.beam_min_prob}.")
+        if self.loss_norm not in ("trained", "sampled"):
+            raise ValueError(f"loss_norm={self.loss_norm!r}: use trained or sampled.")
         if self.min_informative < 0 or self.max_sample_batches < 1:
             raise ValueError("min_informative must be >= 0 and max_sample_batches >= 1.")
         if num_envs % self.llm_minibatches:
@@ -258,7 +267,8 @@ class LMAgent:
             group = torch.arange(len(adv), device=adv.device) // self.cfg.group_size + len(self.pending) * len(adv)
             self.pending.append({"rollout": self.rollout[keep], "advantages": adv[keep], "group": group[keep],
                                  "rewards": self.rewards, "correct": self.correct,
-                                 "length": self.rollout.completion_mask.sum(1).float(), **extra})
+                                 "length": self.rollout.completion_mask.sum(1).float(),
+                                 "tokens": float(self.rollout.completion_mask.sum()), **extra})
 
     def ready(self) -> bool:
         if self.cfg.dynamic_sampling:
@@ -378,12 +388,14 @@ class LMAgent:
         metrics: dict[str, Any] = {}
         old_values = returns = None
         group = torch.arange(len(ro), device=rewards.device) // cfg.group_size  # [B] each row's group
+        sampled_tokens = float(ro.completion_mask.sum())  # every completion sampled for this update (loss_norm)
         if cfg.dynamic_sampling:  # the informative rows of every batch sampled since the last update
             pending, self.pending = self.pending, []
             ro = Rollout.cat([p["rollout"] for p in pending], pad_id=self.policy.pad_id)
             advantages, group = (torch.cat([p[k] for p in pending]) for k in ("advantages", "group"))
             rewards, lengths = (torch.cat([p[k] for p in pending]) for k in ("rewards", "length"))
             correct = np.concatenate([p["correct"] for p in pending])
+            sampled_tokens = sum(p["tokens"] for p in pending)
             metrics["charts/frac_zero_std_groups"] = float(np.mean([p["charts/frac_zero_std_groups"] for p in pending]))
             metrics["charts/sample_batches"] = len(pending)
         elif cfg.advantage == "group":
@@ -419,6 +431,8 @@ class LMAgent:
                 stats = self.policy.evaluate(mb, cfg.temperature, with_entropy=True)  # one forward, with grad
                 m = mb.completion_mask * weight[idx, None]  # [b, T]: a merged row's tokens count once per copy
                 pg_loss, pg_stats = policy_loss(stats.logprobs, mb.logprobs, advantages[idx], cfg.llm_clip, m)
+                if cfg.loss_norm == "sampled":  # the minibatch's token sum over its share of all sampled tokens
+                    pg_loss = pg_loss * m.sum() / (sampled_tokens / cfg.llm_minibatches)
                 entropy = masked_mean(stats.entropy, m)
                 loss = pg_loss - cfg.ent_bonus * entropy
                 if cfg.advantage == "value":

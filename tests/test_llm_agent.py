@@ -142,6 +142,23 @@ def test_zero_advantage_completions_skip_the_training_pass(monkeypatch):
     assert cos > 0.9999 and delta_skip.norm() > delta_all.norm()  # same direction, larger (fewer tokens averaged)
 
 
+def test_sampled_loss_norm_makes_skipping_exact(monkeypatch):
+    """loss_norm="sampled" divides the token sum by the tokens of every sampled completion: skipping the
+    zero-advantage rows then gives exactly the step of training them all, i.e. a step that shrinks with the share
+    of the batch that carries signal, where "trained" (the default) makes it full size."""
+    import torch
+
+    reward = [1, 1, 1, 1, 1, 0, 0, 1]  # group 0: no signal; group 1: mixed
+    seen_skip, delta_skip, _, _ = sgd_step(monkeypatch, reward, loss_norm="sampled")
+    seen_all, delta_all, _, _ = sgd_step(monkeypatch, reward, loss_norm="sampled", skip_zero_advantage=False)
+    _, delta_trained, _, ro = sgd_step(monkeypatch, reward)
+    assert seen_skip == [4] and seen_all == [8] and delta_all.norm() > 0
+    torch.testing.assert_close(delta_skip, delta_all, rtol=1e-4, atol=1e-7)
+    # The default's step is the same one scaled up by all tokens / informative tokens.
+    lengths = ro.completion_mask.sum(1).float()
+    torch.testing.assert_close(delta_trained * (lengths[4:].sum() / lengths.sum()), delta_skip, rtol=1e-4, atol=1e-7)
+
+
 def test_identical_completions_train_as_one_weighted_row(monkeypatch):
     """Copies of a completion in a group have the same loss terms: one row counted k times in the token mean gives
     the same parameter step as the k rows, with fewer rows through the training pass."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -192,10 +193,7 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0)
         next_ckpt = self.global_step + cfg.checkpoint_every
         next_eval = self.global_step + cfg.eval_every if cfg.eval_every else math.inf
-        # SIGTERM (`kill`, a job scheduler, `timeout`) ends a run the way Ctrl-C does: save, then exit. It also
-        # covers background jobs, for which the shell ignores SIGINT.
-        on_main_thread = threading.current_thread() is threading.main_thread()
-        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
+        stop = _StopSignals()  # Ctrl-C and SIGTERM: finish the step, then save and exit
         try:
             if cfg.eval_at_start and resume is None and cfg.eval_episodes:
                 ev = self.evaluate(cfg.eval_episodes)
@@ -203,6 +201,8 @@ class Trainer:
                 self._log_eval(logger, ev)
             obs, _ = self.env.reset(seed=cfg.seed + self.global_step)
             while self.global_step < cfg.steps:
+                if stop.requested:
+                    raise KeyboardInterrupt  # here, between steps: nothing is half-written
                 action = self.agent.act(obs)
                 next_obs, reward, terminated, truncated, info = self.env.step(action)
                 self.agent.observe(Transition(obs, action, reward, terminated, truncated, next_obs,
@@ -242,8 +242,7 @@ class Trainer:
             bar.write(f"Interrupted at step {self.global_step}: saving checkpoint and summary to {self.run_dir}")
         finally:
             bar.close()
-            if on_main_thread:
-                signal.signal(signal.SIGTERM, previous_term)
+            stop.restore()
         wall = time.time() - start_time
         train_seconds = wall - self.eval_seconds  # evaluations during training excluded
         self.save()
@@ -285,8 +284,33 @@ class Trainer:
         logger.dump(self.global_step)
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, `timeout`, a job scheduler; also background jobs, for which the shell
+    ignores SIGINT) during training. The first only asks the loop to stop: it ends the current step, saves a
+    checkpoint and the summary, and exits. A second raises KeyboardInterrupt at once (the run still saves).
+
+    Why not raise at once, as Python's default handler does: the exception fires at whatever bytecode is
+    running, possibly inside code that holds a lock (TensorBoard's event queue, a file being written), and the
+    save that follows can then wait on it forever. Seen once in CI before this handler: a CartPole run that had
+    not exited 60 s after Ctrl-C, with nothing printed."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.requested = True
+        print(f"\nponglab: signal {signum}: stopping after this step, then saving (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

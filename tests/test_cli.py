@@ -179,6 +179,27 @@ def test_ctrl_c_saves_checkpoint_and_summary(tmp_path, sig):
     assert (run / "checkpoints" / "latest.pt").exists()
 
 
+def test_first_stop_signal_asks_the_second_aborts():
+    """The trainer's handler: the first Ctrl-C / SIGTERM only sets a flag (the loop stops between steps, where no
+    lock is held and nothing is half-written); a second raises KeyboardInterrupt at once; the old handlers return."""
+    import os
+
+    from agents.trainer import _StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = _StopSignals()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs at the next bytecode
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_resume_continues_step_counter_and_loss_curve(tmp_path):
     run = tmp_path / "res"
     base = ["train", "ppo", "cartpole", "--eval-episodes", "0", "--no-progress"]

@@ -267,8 +267,7 @@ class LMAgent:
             group = torch.arange(len(adv), device=adv.device) // self.cfg.group_size + len(self.pending) * len(adv)
             self.pending.append({"rollout": self.rollout[keep], "advantages": adv[keep], "group": group[keep],
                                  "rewards": self.rewards, "correct": self.correct,
-                                 "length": self.rollout.completion_mask.sum(1).float(),
-                                 "tokens": float(self.rollout.completion_mask.sum()), **extra})
+                                 "length": self.rollout.completion_mask.sum(1).float(), **extra})
 
     def ready(self) -> bool:
         if self.cfg.dynamic_sampling:
@@ -388,14 +387,12 @@ class LMAgent:
         metrics: dict[str, Any] = {}
         old_values = returns = None
         group = torch.arange(len(ro), device=rewards.device) // cfg.group_size  # [B] each row's group
-        sampled_tokens = float(ro.completion_mask.sum())  # every completion sampled for this update (loss_norm)
         if cfg.dynamic_sampling:  # the informative rows of every batch sampled since the last update
             pending, self.pending = self.pending, []
             ro = Rollout.cat([p["rollout"] for p in pending], pad_id=self.policy.pad_id)
             advantages, group = (torch.cat([p[k] for p in pending]) for k in ("advantages", "group"))
             rewards, lengths = (torch.cat([p[k] for p in pending]) for k in ("rewards", "length"))
             correct = np.concatenate([p["correct"] for p in pending])
-            sampled_tokens = sum(p["tokens"] for p in pending)
             metrics["charts/frac_zero_std_groups"] = float(np.mean([p["charts/frac_zero_std_groups"] for p in pending]))
             metrics["charts/sample_batches"] = len(pending)
         elif cfg.advantage == "group":
@@ -411,6 +408,7 @@ class LMAgent:
             advantages = torch.where(valid, (advantages - a.mean()) / (a.std() + 1e-8), 0.0)
 
         device = advantages.device
+        sampled_tokens = float(lengths.sum())  # of every completion sampled for this update (loss_norm)
         rows = torch.arange(len(ro), device=device)  # the completions that go through the training pass
         weight = torch.ones(len(ro), device=device)  # [B] how many identical completions each row stands for
         skip = cfg.advantage == "group" and cfg.skip_zero_advantage and cfg.kl_coef == 0 and cfg.ent_bonus == 0

@@ -499,20 +499,23 @@ class LMPolicy(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         prompt_ids, prompt_mask, completion_ids, completion_mask = _unpack(batch)
         with self._precision():
-            h = _completion_hidden(model.get_decoder(), prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                   prompt_grad=self.prompt_grad or not torch.is_grad_enabled())
-            logits = model.get_output_embeddings()(h).float() / temperature  # [B, T, V]
-        log_z = logits.logsumexp(dim=-1)  # [B, T] log of the softmax normaliser
-        logprobs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_z  # [B, T]
+            # h [M, H]: each hidden state that predicts a completion token, once; token t of row b reads h[where[b, t]].
+            h, where = _completion_hidden(model.get_decoder(), prompt_ids, prompt_mask, completion_ids,
+                                          completion_mask, prompt_grad=self.prompt_grad or not torch.is_grad_enabled())
+            logits = model.get_output_embeddings()(h).float()  # [M, V]
+        if temperature != 1.0:
+            logits = logits / temperature
+        log_z = logits.logsumexp(dim=-1)  # [M] log of the softmax normaliser
+        logprobs = logits[where, completion_ids] - log_z[where]  # [B, T]
         valid = completion_mask.bool()
         stats = TokenStats(logprobs=torch.where(valid, logprobs, 0.0))
         if with_entropy:
             # H = -sum p log p = log Z - sum p * logits
-            entropy = log_z - (logits.softmax(-1) * logits).sum(-1)  # [B, T]
-            stats.entropy = torch.where(valid, entropy, 0.0)
+            entropy = log_z - (logits.softmax(-1) * logits).sum(-1)  # [M]
+            stats.entropy = torch.where(valid, entropy[where], 0.0)
         if with_values:
-            values = self.value_head(h.float()).squeeze(-1)  # [B, T]
-            stats.values = torch.where(valid, values, 0.0)
+            values = self.value_head(h.float()).squeeze(-1)  # [M]
+            stats.values = torch.where(valid, values[where], 0.0)
         return stats
 
 
@@ -548,7 +551,7 @@ def _cache_kwarg(cls: type) -> str:
 
 
 def _prefill(model: nn.Module, ids: Tensor, mask: Tensor, cache: DynamicCache, max_shared: int | None = None,
-             **kwargs):
+             embeds: Tensor | None = None, **kwargs):
     """Run left-padded prompts [U, P] into `cache` and return the model's output for the last call.
 
     Leading columns that every row shares (ids and mask alike: a chat template's system prompt and the task's
@@ -556,25 +559,33 @@ def _prefill(model: nn.Module, ids: Tensor, mask: Tensor, cache: DynamicCache, m
     keys/values are copied to the U rows; only the rest runs per row. Exact: identical columns give identical
     keys/values, and autograd sums the U rows' gradients back into the one shared pass. The output covers the
     columns of the last call only, P - k of them for a shared prefix of k columns (the last column is always
-    among them); `max_shared` caps k, so that the output covers at least the last P - max_shared columns."""
+    among them); `max_shared` caps k, so that the output covers at least the last P - max_shared columns.
+    `embeds` [U, P, H], if given, are the input embeddings of `ids`, looked up by the caller (who may have
+    looked up other tokens in the same call; see `_completion_hidden`)."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, P] pads get 0; they are masked anyway
     same = ((ids == ids[:1]) & (mask == mask[:1])).all(dim=0)  # [P] column identical in every row
     k = int(same.long().cumprod(0).sum())  # length of the shared prefix
     if max_shared is not None:
         k = min(k, max_shared)
+
+    def inputs(rows: slice, cols: slice) -> dict[str, Tensor]:
+        return {"input_ids": ids[rows, cols]} if embeds is None else {"inputs_embeds": embeds[rows, cols]}
+
     if len(ids) > 1 and 0 < k < ids.shape[1]:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # no logits for the prefix
-        decoder(input_ids=ids[:1, :k], attention_mask=mask[:1, :k], position_ids=positions[:1, :k],
+        decoder(**inputs(slice(0, 1), slice(0, k)), attention_mask=mask[:1, :k], position_ids=positions[:1, :k],
                 use_cache=True, **cached(decoder, cache))
         cache.batch_repeat_interleave(len(ids))  # [1, heads, k, d] -> [U, heads, k, d]
-        ids, positions = ids[:, k:], positions[:, k:]
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        return model(**inputs(slice(None), slice(k, None)), attention_mask=mask, position_ids=positions[:, k:],
+                     use_cache=True, **cached(model, cache), **kwargs)
+    return model(**inputs(slice(None), slice(None)), attention_mask=mask, position_ids=positions, use_cache=True,
                  **cached(model, cache), **kwargs)
 
 
 def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                       completion_mask: Tensor, prompt_grad: bool = True) -> Tensor:
-    """Hidden states [B, T, H] from which the T completion tokens are predicted (with gradients).
+                       completion_mask: Tensor, prompt_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """The hidden states from which the T completion tokens are predicted (with gradients), each one once:
+    (hidden [M, H], where [B, T] long); token t of row b is predicted from hidden[where[b, t]].
 
     Token t of a completion is predicted from the hidden state one step before it: the last prompt column
     (P-1) for t = 0, completion token t-1 after that. Positions are as in `generate`: a token's position is
@@ -587,7 +598,13 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     each stem's keys/values to its rows, and run only the rest of each completion on top. Exact: identical
     tokens in identical contexts have identical hidden states, and autograd sums the rows' gradients back
     into the one shared pass. With 46 prompt tokens, 12 completion tokens of which 8 are shared, and G = 4, it
-    is ~3x less compute than one pass over [B, P+T].
+    is ~3x less compute than one pass over [B, P+T]. A hidden state of the stem pass predicts the same
+    position in all of its prompt's rows, so it is returned once (M < B * T), and the caller's LM head and
+    softmax over the vocabulary run once for it as well; positions past a row's end are not in `hidden` (their
+    `where` points anywhere: mask them).
+
+    All the passes take their input embeddings from one lookup, so that the backward pass builds the
+    embedding matrix's gradient once ([V, H] dense: 113 MB for SmolLM2), not once per pass.
 
     `prompt_grad=False` runs the prompt (all but its last token) without a graph: the same values, but its
     keys and values are constants of the loss, so the gradient flows only through the positions from the last
@@ -596,6 +613,7 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     B, P = prompt_ids.shape
     T = completion_ids.shape[1]
     device = prompt_ids.device
+    embed = decoder.get_input_embeddings()
     # Distinct (ids, mask) rows; `inverse` [B] maps each row to its prompt in `distinct` [U, 2P].
     distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
     if len(distinct) == len(prompt_ids) and prompt_grad:  # nothing shared: one pass over prompt + completion
@@ -604,7 +622,8 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+T]
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=positions).last_hidden_state  # [B, P+T, H]
-        return hidden[:, P - 1 : P + T - 1]  # [B, T, H]
+        H = hidden.shape[-1]
+        return hidden[:, P - 1 : P + T - 1].reshape(B * T, H), torch.arange(B * T, device=device).view(B, T)
     U = len(distinct)
     lengths = completion_mask.sum(-1)  # [B] real completion tokens per row
     # The stem of prompt u: the first L_u completion tokens, equal in all its rows. L_u <= (shortest row) - 1,
@@ -616,46 +635,56 @@ def _completion_hidden(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tens
     stem = torch.minimum(prefix, cap) if SHARE_COMPLETION_STEMS else torch.zeros_like(cap)  # [B]
     stem_u = torch.full((U,), T, dtype=torch.long, device=device).scatter_reduce(0, inverse, stem, "amin")  # [U]
     L = int(stem_u.max())
+    stem_b = stem_u[inverse]  # [B]
     # Stem passes [U, P + L]: prompt u as padded (so that the columns all prompts share still line up for
     # `_prefill`), then its stem tokens, right-padded to L. The attention mask skips the padding.
     in_stem = torch.arange(L, device=device)[None, :] < stem_u[:, None]  # [U, L]
     u_ids = torch.cat([prompt_ids[rep], torch.where(in_stem, completion_ids[rep, :L], 0)], dim=1)  # [U, P+L]
     u_mask = torch.cat([prompt_mask[rep], in_stem.long()], dim=1)  # [U, P+L]
+    # The rest of each row: its tokens L_u .. n-2 on top of its prompt's stem, predicting tokens L_u+1 .. n-1.
+    R = int((lengths - 1 - stem_b).clamp(min=0).max()) if B else 0
+    r = torch.arange(R, device=device)  # [R]
+    src = (stem_b[:, None] + r[None, :]).clamp(max=T - 1)  # [B, R]
+    rest_mask = (stem_b[:, None] + r[None, :] <= lengths[:, None] - 2).long()  # [B, R]
+    rest_ids = torch.where(rest_mask.bool(), completion_ids.gather(1, src), completion_ids.new_zeros(()))
+    # One embedding lookup for the stem and rest passes: [U*(P+L) + B*R, H].
+    emb = embed(torch.cat([u_ids.flatten(), rest_ids.flatten()]))
+    H = emb.shape[-1]
+    u_emb, rest_emb = emb[: u_ids.numel()].view(U, P + L, H), emb[u_ids.numel():].view(B, R, H)
     cache = DynamicCache(config=decoder.config)
     if prompt_grad or P == 1:
         # Column P-1+t predicts completion token t (t <= L_u): keep those columns out of the shared prefix.
-        u_hidden = _prefill(decoder, u_ids, u_mask, cache, max_shared=P - 1).last_hidden_state  # [U, P+L-k, H]
+        u_hidden = _prefill(decoder, u_ids, u_mask, cache, max_shared=P - 1,
+                            embeds=u_emb).last_hidden_state  # [U, P+L-k, H]
     else:
         # The prompt up to its last token as constants: its keys/values without a graph. The last prompt column
         # (it predicts completion token 0) and the stem run with gradients on top.
         with torch.no_grad():
             _prefill(decoder, u_ids[:, : P - 1], u_mask[:, : P - 1], cache)
         positions = (u_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P+L]
-        u_hidden = decoder(input_ids=u_ids[:, P - 1 :], attention_mask=u_mask, position_ids=positions[:, P - 1 :],
-                           use_cache=True, **cached(decoder, cache)).last_hidden_state  # [U, 1+L, H]
+        u_hidden = decoder(inputs_embeds=u_emb[:, P - 1 :], attention_mask=u_mask,
+                           position_ids=positions[:, P - 1 :], use_cache=True,
+                           **cached(decoder, cache)).last_hidden_state  # [U, 1+L, H]
+    # Stem outputs: columns P-1 .. P-1+L_u of prompt u predict its rows' tokens 0 .. L_u; keep those (once each).
     offset = P + L - u_hidden.shape[1]  # the k shared columns are not in u_hidden
+    stem_cols = u_hidden[:, P - 1 - offset :]  # [U, L+1, H]
+    in_out = torch.arange(L + 1, device=device)[None, :] <= stem_u[:, None]  # [U, L+1]
+    stem_slot = in_out.flatten().long().cumsum(0).view(U, L + 1) - 1  # [U, L+1] row of `hidden` (where in_out)
+    hidden = stem_cols[in_out]  # [Ms, H]
     t = torch.arange(T, device=device)  # [T]
-    stem_b = stem_u[inverse]  # [B]
-    shared = t[None, :] <= stem_b[:, None]  # [B, T] predicted from the stem pass
-    col = (P - 1 + t).clamp(max=P + L - 1) - offset  # [T]
-    hidden = u_hidden[inverse[:, None], col[None, :]]  # [B, T, H]
-    # The rest of each row: its tokens L_u .. n-2 on top of its prompt's stem, predicting tokens L_u+1 .. n-1.
-    R = int((lengths - 1 - stem_b).clamp(min=0).max()) if B else 0
+    where = stem_slot[inverse[:, None], t.clamp(max=L)[None, :]]  # [B, T], right for t <= L_u
     if R == 0:
-        return hidden
-    r = torch.arange(R, device=device)  # [R]
-    src = (stem_b[:, None] + r[None, :]).clamp(max=T - 1)  # [B, R]
-    rest_mask = (stem_b[:, None] + r[None, :] <= lengths[:, None] - 2).long()  # [B, R]
-    rest_ids = torch.where(rest_mask.bool(), completion_ids.gather(1, src), completion_ids.new_zeros(()))
+        return hidden, where
     cache.batch_select_indices(inverse)  # keys/values [U, heads, P+L, d] -> [B, heads, P+L, d]
     attention_mask = torch.cat([u_mask[inverse], rest_mask], dim=1)  # [B, P+L+R]
     positions = u_mask[inverse].sum(-1, keepdim=True) + r[None, :]  # [B, R]
-    rest = decoder(input_ids=rest_ids, attention_mask=attention_mask, position_ids=positions,
+    rest = decoder(inputs_embeds=rest_emb, attention_mask=attention_mask, position_ids=positions,
                    use_cache=True, **cached(decoder, cache)).last_hidden_state  # [B, R, H]
     # Token t > L_u is predicted by rest column t - 1 - L_u.
+    rest_slot = len(hidden) + rest_mask.flatten().cumsum(0).view(B, R) - 1  # [B, R] row of `hidden` (where rest_mask)
     rest_col = (t[None, :] - 1 - stem_b[:, None]).clamp(0, R - 1)  # [B, T]
-    from_rest = rest.gather(1, rest_col[..., None].expand(B, T, rest.shape[-1]))  # [B, T, H]
-    return torch.where(shared[..., None], hidden, from_rest)  # [B, T, H]
+    where = torch.where(t[None, :] <= stem_b[:, None], where, rest_slot.gather(1, rest_col))  # [B, T]
+    return torch.cat([hidden, rest[rest_mask.bool()]]), where  # [Ms + Mr, H], [B, T]
 
 
 def kl_k3_per_token(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from llm_bridge import LMPolicy, Rollout, byte_tokenizer, kl_k3, kl_k3_per_token, load_lm, smollm2_gguf_path, tiny_lm
 from llm_bridge import models as models_module
 from llm_bridge import policy as policy_module
-from llm_bridge.policy import policy_precision
+from llm_bridge.policy import _completion_hidden, policy_precision
 
 PROMPTS = ["hi", "What is 37 + 48? Answer with just the number.", "Name a color", "2+2="]
 
@@ -303,9 +303,13 @@ def test_shared_completion_stems_score_and_differentiate_like_separate_rows(tiny
     r = Rollout(prompt[which], mask[which], comp, comp_mask, torch.zeros(len(rows), T),
                 torch.ones(len(rows), dtype=torch.bool), [""] * len(rows))
     r = r[torch.randperm(len(r), generator=torch.Generator().manual_seed(0))]  # groups scattered
-    fed: list[tuple[int, ...]] = []
-    hook = policy.model.get_decoder().get_input_embeddings().register_forward_hook(
-        lambda m, i, o: fed.append(tuple(i[0].shape)))
+    fed: list[tuple[int, ...]] = []  # [rows, tokens] of each pass of the decoder
+    looked_up: list[int] = []  # tokens of each embedding lookup
+    decoder = policy.model.get_decoder()
+    hooks = [decoder.register_forward_pre_hook(
+                 lambda m, a, kw: fed.append(tuple((kw.get("inputs_embeds") if kw.get("input_ids") is None
+                                                    else kw["input_ids"]).shape[:2])), with_kwargs=True),
+             decoder.get_input_embeddings().register_forward_hook(lambda m, i, o: looked_up.append(i[0].numel()))]
 
     def grads_of(batches: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         policy.zero_grad(set_to_none=True)
@@ -322,9 +326,16 @@ def test_shared_completion_stems_score_and_differentiate_like_separate_rows(tiny
         shared_lp, shared_v, shared_g = grads_of([r])
         assert fed[0][0] == 1 and fed[0][1] >= 3, fed  # the prompts' common opening, run for one row
         assert fed[-1] == (len(rows), 1), fed  # the rest: one unshared input token at most (prompts 0 and 1)
+        assert len(looked_up) == 1, looked_up  # one embedding lookup for all passes: one [V, H] gradient
+        # Each hidden state that predicts a token comes once, and the LM head runs on those: 15 for the 30 tokens
+        # (prompt 0: its stem predicts tokens 0-3, and 3 rows one more each; 1: 2 + 2; 2: 1; 3: 3, all from its stem).
+        with torch.no_grad():
+            h, where = _completion_hidden(decoder, *r.tensors())
+        assert h.shape[0] == 15 and where.shape == r.completion_ids.shape, (h.shape, where.shape)
         alone_lp, alone_v, alone_g = grads_of([r[[i]] for i in range(len(r))])
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert (shared_lp - alone_lp).abs().max() < 1e-4 and (shared_v - alone_v).abs().max() < 1e-4
     assert (shared_lp[r.completion_mask == 0] == 0).all()
     assert (shared_g - alone_g).norm() < 1e-4 * alone_g.norm()

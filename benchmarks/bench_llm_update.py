@@ -54,9 +54,10 @@ from llm_bridge.policy import cpu_has_bf16
 VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16", "+nodes", "+stems", "+no-prompt-grad")
 
 
-def multinomial(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def multinomial(weights: torch.Tensor, generator: torch.Generator | None, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """The sampler before: one exponential variate per vocabulary entry and row."""
-    return torch.multinomial(weights, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(weights if rows is None else weights[rows], 1, generator=generator).squeeze(-1)
 
 
 def whole_prompts(model, ids, mask, cache, **kwargs):

@@ -456,13 +456,18 @@ def test_sampler_draws_each_token_with_its_probability() -> None:
     weights[3] = 0.0
     weights[3, 49] = 2.0  # a single possible token, the last one
     n = 40_000
-    draws = _inverse_cdf(weights.repeat_interleave(n, dim=0), g).view(4, n)  # [4, n]
-    counts = torch.stack([torch.bincount(row, minlength=50) for row in draws]).float()  # [4, 50]
-    assert counts[weights == 0].sum() == 0
-    expected = weights / weights.sum(-1, keepdim=True) * n
-    # within 5 binomial standard deviations of the expected count, for every token
-    assert ((counts - expected).abs() <= 5 * expected.clamp(min=1).sqrt()).all()
-    assert (draws[3] == 49).all()
+    rows = torch.arange(4).repeat_interleave(n)  # n rows of each distribution
+    for draws in (_inverse_cdf(weights[rows], g), _inverse_cdf(weights, g, rows)):  # a cdf per row, or per node
+        draws = draws.view(4, n)
+        counts = torch.stack([torch.bincount(row, minlength=50) for row in draws]).float()  # [4, 50]
+        assert counts[weights == 0].sum() == 0
+        expected = weights / weights.sum(-1, keepdim=True) * n
+        # within 5 binomial standard deviations of the expected count, for every token
+        assert ((counts - expected).abs() <= 5 * expected.clamp(min=1).sqrt()).all()
+        assert (draws[3] == 49).all()
+    # The same uniforms give the same tokens either way.
+    assert torch.equal(_inverse_cdf(weights[rows], torch.Generator().manual_seed(1)),
+                       _inverse_cdf(weights, torch.Generator().manual_seed(1), rows))
 
 
 def test_bad_inputs_say_what_to_do(tiny_policy: LMPolicy) -> None:

@@ -16,6 +16,8 @@ update trains 8-16), and one AdamW step. Each variant below switches on one more
                 (`policy.SHARE_SAMPLING_NODES`)
   +stems        the training pass runs the completion tokens that all rows of a prompt share once
                 (`policy.SHARE_COMPLETION_STEMS`)
+  +draft        prompt-lookup speculative sampling: up to 4 tokens guessed from the prompt, checked in one pass
+                (`generate(draft=4)`, the `--draft` default)
   +no-prompt-grad   not exact, unlike the others: the training pass runs the prompt without a graph
                 (`--no-prompt-grad`: same log-probs, the gradient only through the completion positions)
 
@@ -51,7 +53,7 @@ from games import make
 from llm_bridge import LMPolicy, load_lm
 from llm_bridge.policy import cpu_has_bf16
 
-VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16", "+nodes", "+stems", "+no-prompt-grad")
+VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16", "+nodes", "+stems", "+draft", "+no-prompt-grad")
 
 
 def multinomial(weights: torch.Tensor, generator: torch.Generator | None, rows: torch.Tensor | None = None
@@ -108,12 +110,12 @@ def main() -> None:
         policy_module.SHARE_COMPLETION_STEMS = on >= 6
         # bfloat16 only where the CPU has it natively (what --dtype auto does); elsewhere +bf16 equals +fused.
         policy, optimizer = (mixed if on >= 4 and native_bf16 else plain), optimizers[on >= 3]
-        policy.prompt_grad = on < 7
+        policy.prompt_grad = on < 8
         prompts = [f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}? Answer with just the number."
                    for _ in range(args.prompts)]
         t0 = time.perf_counter()
         rollout = policy.generate(policy.encode_prompts(prompts), args.max_new_tokens,
-                                  num_samples=args.group_size, **stops)
+                                  num_samples=args.group_size, draft=4 if on >= 7 else 0, **stops)
         t1 = time.perf_counter()
         batch = rollout[torch.arange(args.train_rows)]
         policy.train()

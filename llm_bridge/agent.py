@@ -133,6 +133,12 @@ class LMConfig:
     """Extra reward for answering in exactly the requested format (e.g. a bare number). 0 = score only."""
     digits: int | None = None
     """Digits per operand for addition / multiplication (None: the task's default, 2)."""
+    draft: int = 4
+    """Prompt-lookup speculative sampling: where the last tokens written also occur in the prompt, guess that up to
+    this many of the prompt's next tokens follow, and check the guesses in the same forward pass as the token
+    before them (`LMPolicy.generate(draft=...)`). Exact: every token is still drawn from the policy's own
+    distribution. An answer that quotes its question ("37 + 48 = 85") then costs ~6 passes instead of ~11.
+    0 = one token per pass."""
     stop_at_answer: bool = True
     """End a completion as soon as the game says more text cannot change its reward (`TextGame.answer_done`:
     the paragraph holding the answer is closed). Same rewards, fewer tokens to sample, and no gradient through
@@ -175,6 +181,8 @@ class LMConfig:
             raise ValueError(f"loss_norm={self.loss_norm!r}: use trained or sampled.")
         if self.min_informative < 0 or self.max_sample_batches < 1:
             raise ValueError("min_informative must be >= 0 and max_sample_batches >= 1.")
+        if self.draft < 0:
+            raise ValueError(f"draft must be >= 0 (0 = no guessed tokens), got {self.draft}.")
         if num_envs % self.llm_minibatches:
             raise ValueError(f"llm_minibatches: {num_envs} completions do not split into {self.llm_minibatches}.")
 
@@ -241,7 +249,7 @@ class LMAgent:
         if n > K:
             rollout = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                            top_p=self.cfg.top_p, greedy=not explore, num_samples=n - K,
-                                           stop_text=self.answer_done)
+                                           stop_text=self.answer_done, draft=self.cfg.draft)
         if K:
             beam = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                         num_samples=K, stop_text=self.answer_done, beam=True,

@@ -288,6 +288,7 @@ class LMPolicy(nn.Module):
         stop_text: Callable[[str], bool] | None = None,
         beam: bool = False,
         beam_min_prob: float = 1e-3,
+        draft: int = 0,
     ) -> Rollout:
         """Sample (or greedily decode) up to `max_new_tokens` tokens per prompt, with a KV cache.
 
@@ -300,6 +301,8 @@ class LMPolicy(nn.Module):
         unfinished completion; True ends it there, the token just sampled being its last (as a stop token is).
         `beam=True`: instead of sampling, return for each prompt its `num_samples` most probable *distinct*
         completions, found by beam search under softmax(logits / temperature) (`_beam_loop`).
+        `draft` > 0 (sampling only): guess up to that many tokens at a time from the prompt and check the guesses
+        in one forward pass (prompt-lookup speculative sampling, exact; `_sample_loop`).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -316,80 +319,138 @@ class LMPolicy(nn.Module):
                     return self._beam_loop(prompt_ids, max_new_tokens, temperature, stops, num_samples, stop_text,
                                            beam_min_prob)
                 return self._sample_loop(prompt_ids, max_new_tokens, temperature, top_p, greedy, generator, stops,
-                                         num_samples, stop_text)
+                                         num_samples, stop_text, draft)
         finally:
             self.train(was_training)
 
     def _sample_loop(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
                      greedy: bool, generator: torch.Generator | None, stops: Tensor,
-                     num_samples: int = 1, stop_text: Callable[[str], bool] | None = None) -> Rollout:
-        """The decoding loop of `generate`: one prompt pass that fills the KV cache, then one
-        single-token forward pass per new token.
+                     num_samples: int = 1, stop_text: Callable[[str], bool] | None = None, draft: int = 0) -> Rollout:
+        """The decoding loop of `generate`: one prompt pass that fills the KV cache, then one forward pass per
+        new token (or per few, with `draft`).
 
         The forward passes run per *node*, not per row: a node is a distinct (prompt, tokens so far), and rows
         that have sampled the same tokens from the same prompt share one (same context, same next-token
         distribution, from which each row still draws its own token). A group's samples of an addition answer
         repeat the question before the sum ("37 + 48 = "), so for most steps 8 nodes stand for 32 rows; a node
         splits when its rows draw different tokens, and finished rows leave the batch. Exact: it changes what
-        is computed, not what is sampled."""
+        is computed, not what is sampled.
+
+        `draft` > 0: prompt-lookup speculative sampling. When the last tokens of a node also occur in its prompt,
+        the up to `draft` tokens that follow them there are guessed to come next, and fed in the same forward
+        pass as the node's token; that pass yields the next-token distribution after each guessed prefix. Each
+        row then draws from the first slot; while its draw equals the guess there it goes on to the next slot,
+        and it keeps every draw up to and including the first that differs (or the one after the last guess).
+        Every kept token is drawn from its exact conditional distribution, so this too changes what is
+        computed, not what is sampled (only which uniform draws which token). An answer that echoes the question
+        ("37 + 48 = 85") has its 5 echoed tokens after "3" guessed from the prompt: one pass where there were 5.
+        Decoding a few tokens costs little more than one on a CPU, where a pass streams all the weights."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if draft < 0:
+            raise ValueError(f"draft must be >= 0, got {draft}")
         prompt, prompt_mask = self.pad_prompts(prompt_ids)  # [B0, P], one row per distinct prompt
         # Prompt pass: fill the KV cache, keep only the last position's logits ([B0, 1, V], not [B0, P, V]).
         cache = DynamicCache(config=self.model.config)
         out = _prefill(self.model, prompt, prompt_mask, cache, logits_to_keep=1)
-        logits = out.logits[:, -1].float()  # [N, V], one row per node; the nodes start as the B0 prompts
-        node_mask = prompt_mask  # [N, P + t] attention mask of each node
-        node_position = prompt_mask.sum(-1)  # [N] position of completion token 0 = number of real prompt tokens
+        # logits [N, S, V]: node n's next-token distribution after its context and its first s guessed tokens,
+        # guesses [N, S - 1] (n_guess [N] of them real). The nodes start as the B0 prompts, with no guesses.
+        logits = out.logits[:, -1:].float()
+        guesses = torch.zeros(len(prompt), 0, dtype=torch.long, device=self.device)
+        n_guess = torch.zeros(len(prompt), dtype=torch.long, device=self.device)
+        node_mask = prompt_mask  # [N, columns] attention mask of each node's keys/values in the cache
+        node_len = prompt_mask.sum(-1)  # [N] real tokens in each node's context before its last pass's inputs
+        fed = 0  # columns of the cache that the last pass added (0 after the prompt pass)
         B0 = prompt.shape[0]
         node = torch.arange(B0, device=self.device).repeat_interleave(num_samples)  # [B] each row's node
+        prompt_lists = [list(p) for p in prompt_ids]
         prompt = prompt.repeat_interleave(num_samples, dim=0)  # [B, P]: rows i*n .. i*n+n-1 are prompt i's
         prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
         B = prompt.shape[0]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        tokens, logps, alive = [], [], []
-        for t in range(max_new_tokens):
-            token, logp = _sample(logits, node, temperature, top_p, greedy, generator)  # [B], [B]
-            token = torch.where(done, self.pad_id, token)  # finished rows emit padding
-            alive.append(~done)
-            tokens.append(token)
-            logps.append(torch.where(done, 0.0, logp))
-            done = done | torch.isin(token, stops)
-            if stop_text is not None and not bool(done.all()):
-                # Rows still open have no padding yet: decode them as the reward checker will see them.
-                open_rows = (~done).nonzero().squeeze(-1).tolist()
-                so_far = torch.stack(tokens, dim=1)[open_rows].tolist()
-                texts = self.tokenizer.batch_decode(so_far, skip_special_tokens=True)
-                ended = [row for row, text in zip(open_rows, texts) if stop_text(text)]
-                done[ended] = True
-            if bool(done.all()) or t == max_new_tokens - 1:
+        rows_of = torch.arange(B, device=self.device)
+        tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)  # [B, T]
+        logps = torch.zeros(B, max_new_tokens, device=self.device)
+        n_tok = torch.zeros(B, dtype=torch.long, device=self.device)  # tokens so far per row
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)  # ended (a stop, stop_text, or the limit)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)  # ended by a stop token or stop_text
+        while True:
+            S = logits.shape[1]
+            # Every row draws at every slot of its node ([B, S]); with S = 1, one token per row as in plain sampling.
+            slot = (node[:, None] * S + torch.arange(S, device=self.device)).flatten()
+            token, logp = _sample(logits.flatten(0, 1), slot, temperature, top_p, greedy, generator)
+            token, logp = token.view(B, S), logp.view(B, S)
+            # A row keeps its draws up to the first that differs from its node's guess at that slot.
+            hit = (token[:, :-1] == guesses[node]) & (torch.arange(S - 1, device=self.device) < n_guess[node, None])
+            accepted = hit.long().cumprod(-1).sum(-1)  # [B] guessed tokens drawn in a row
+            last = torch.zeros(B, dtype=torch.long, device=self.device)  # [B] slot of each row's last kept draw
+            for j in range(S):
+                live = (~done & (j <= accepted)).nonzero().squeeze(-1)  # rows that keep their draw at slot j
+                if len(live) == 0:
+                    break
+                tok_j, pos = token[live, j], n_tok[live]
+                tokens[live, pos], logps[live, pos] = tok_j, logp[live, j]
+                n_tok[live] += 1
+                last[live] = j
+                stopped = torch.isin(tok_j, stops)
+                if stop_text is not None and not bool(stopped.all()):
+                    # Decode the rows still open as the reward checker will see them.
+                    check = live[~stopped]
+                    texts = self.tokenizer.batch_decode([tokens[b, : n_tok[b]].tolist() for b in check.tolist()],
+                                                        skip_special_tokens=True)
+                    ended = torch.as_tensor([stop_text(text) for text in texts], dtype=torch.bool, device=self.device)
+                    stopped[~stopped] = ended
+                finished[live[stopped]] = True
+                done[live[stopped | (n_tok[live] >= max_new_tokens)]] = True
+            if bool(done.all()):
                 break
-            # The next nodes: distinct (node, token) pairs among the open rows.
+            # The next nodes: distinct (node, guessed tokens kept, token drawn after them) among the open rows.
             open_rows = (~done).nonzero().squeeze(-1)  # [B']
-            pairs = torch.stack([node[open_rows], token[open_rows]], dim=1)  # [B', 2]
+            keys = [node[open_rows], last[open_rows], token[open_rows, last[open_rows]]]
             if not SHARE_SAMPLING_NODES:
-                pairs = torch.cat([pairs, open_rows[:, None]], dim=1)  # the row in the key: a node per row
-            next_nodes, node[open_rows] = torch.unique(pairs, dim=0, return_inverse=True)  # [N', 2+], [B']
-            node[done] = 0  # finished rows read any node's logits; what they draw is replaced by padding
-            parent, node_token = next_nodes[:, 0], next_nodes[:, 1]  # [N'] each
+                keys.append(open_rows)  # the row in the key: a node per row
+            next_nodes, node[open_rows] = torch.unique(torch.stack(keys, dim=1), dim=0, return_inverse=True)
+            node[done] = 0  # finished rows read any node's logits; what they draw is never kept
+            parent, kept, node_token = next_nodes[:, 0], next_nodes[:, 1], next_nodes[:, 2]  # [N'] each
             if len(parent) != len(node_mask) or bool((parent != torch.arange(len(parent), device=self.device)).any()):
                 cache.batch_select_indices(parent)  # keys/values follow their nodes (split, or rows finished)
-                node_mask, node_position = node_mask[parent], node_position[parent]
-            # One cached step per node: the new token attends to everything so far, at position P_real + t.
-            node_mask = torch.cat([node_mask, node_mask.new_ones(len(parent), 1)], dim=1)
-            out = self.model(input_ids=node_token[:, None], attention_mask=node_mask,
-                             position_ids=(node_position + t)[:, None], use_cache=True, **cached(self.model, cache))
-            logits = out.logits[:, -1].float()  # [N', V]
+            node_mask, node_len = node_mask[parent], node_len[parent]
+            if fed:
+                # Of the last pass's columns (the node's token, then its guesses), a child keeps 1 + its guesses kept.
+                node_mask = node_mask.clone()
+                node_mask[:, -fed:] *= (torch.arange(fed, device=self.device)[None, :] <= kept[:, None]).long()
+                node_len = node_len + kept + 1
+            # Guesses for each new node, from its prompt (`_lookup`), no further than the token limit.
+            rep = torch.zeros(len(parent), dtype=torch.long, device=self.device).scatter_(
+                0, node[open_rows], open_rows)  # [N'] a row of each node
+            room = (max_new_tokens - 1 - n_tok[rep]).tolist()
+            new_guesses = [
+                _lookup(prompt_lists[b // num_samples], tokens[b, : n_tok[b]].tolist(), min(draft, k)) if draft else []
+                for b, k in zip(rep.tolist(), room)]
+            G = max(len(g) for g in new_guesses)
+            guesses = torch.zeros(len(parent), G, dtype=torch.long, device=self.device)
+            for i, g in enumerate(new_guesses):
+                guesses[i, : len(g)] = torch.as_tensor(g, dtype=torch.long)
+            n_guess = torch.as_tensor([len(g) for g in new_guesses], dtype=torch.long, device=self.device)
+            # One cached pass per node over its token and its guesses, at positions node_len, node_len + 1, ...
+            inputs = torch.cat([node_token[:, None], guesses], dim=1)  # [N', 1 + G]
+            fed = inputs.shape[1]
+            in_use = (torch.arange(fed, device=self.device)[None, :] <= n_guess[:, None]).long()  # [N', 1 + G]
+            node_mask = torch.cat([node_mask, in_use], dim=1)
+            positions = node_len[:, None] + torch.arange(fed, device=self.device)[None, :]
+            out = self.model(input_ids=inputs, attention_mask=node_mask, position_ids=positions, use_cache=True,
+                             **cached(self.model, cache))
+            logits = out.logits.float()  # [N', 1 + G, V]
 
-        completion_ids = torch.stack(tokens, dim=1)  # [B, T]
-        completion_mask = torch.stack(alive, dim=1).long()  # [B, T]
+        T = int(n_tok.max())
+        completion_mask = (torch.arange(T, device=self.device)[None, :] < n_tok[:, None]).long()  # [B, T]
+        completion_ids = tokens[:, :T]
         return Rollout(
             prompt_ids=prompt,
             prompt_mask=prompt_mask,
             completion_ids=completion_ids,
             completion_mask=completion_mask,
-            logprobs=torch.stack(logps, dim=1),
-            finished=done,
+            logprobs=logps[:, :T],
+            finished=finished,
             texts=self.decode(completion_ids, completion_mask),
         )
 
@@ -697,6 +758,24 @@ def kl_k3_per_token(logp: Tensor, ref_logp: Tensor) -> Tensor:
 def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     """Masked mean of the k3 KL estimate (scalar; differentiable in logp)."""
     return masked_mean(kl_k3_per_token(logp, ref_logp), mask)
+
+
+def _lookup(prompt: list[int], completion: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup: the up to k tokens that follow, in the prompt, the longest n-gram (n <= max_ngram) that ends
+    the completion so far and also occurs in the prompt (its last occurrence there); [] if none does. These are
+    guesses of what comes next when an answer quotes its question (`LMPolicy._sample_loop`, `draft`).
+
+    The n-gram has at least 2 tokens, except at the completion's first token: a single token (a space, a digit)
+    recurs everywhere, and guesses behind it are mostly wrong, while checking them is not free (on a 2-core CPU a
+    pass over 5 tokens costs ~1.5-2x one over 1)."""
+    if k < 1 or not completion:
+        return []
+    for n in range(min(max_ngram, len(completion)), 0 if len(completion) == 1 else 1, -1):
+        gram = completion[-n:]
+        for start in range(len(prompt) - n - 1, -1, -1):  # an occurrence with at least one token after it
+            if prompt[start : start + n] == gram:
+                return prompt[start + n : start + n + k]
+    return []
 
 
 def _sample(logits: Tensor, rows: Tensor, temperature: float, top_p: float, greedy: bool,

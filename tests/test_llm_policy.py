@@ -609,3 +609,97 @@ def test_cache_goes_under_the_name_the_forward_takes():
     model = tiny_lm(byte_tokenizer(), seed=0)
     name, = policy_module.cached(model, cache)
     assert name in inspect.signature(type(model).forward).parameters
+
+
+def _oracle(monkeypatch, guesses: dict[tuple[int, ...], list[int]]) -> list[int]:
+    """Make `generate(draft=...)` guess from a table (completion so far -> next tokens) instead of the prompt, so
+    that the tests control which guesses are right; returns a list that counts the model's forward passes."""
+    monkeypatch.setattr(policy_module, "_lookup", lambda prompt, completion, k: guesses.get(tuple(completion), [])[:k])
+    return []
+
+
+def test_draft_greedy_decodes_the_same_tokens_in_fewer_passes(tiny_policy: LMPolicy, monkeypatch) -> None:
+    """Speculative decoding is exact: with guesses right, half right or wrong, greedy decoding gives the tokens
+    and log-probs that plain decoding gives, and right guesses save forward passes."""
+    policy = tiny_policy
+    ids = policy.encode_prompts(PROMPTS)
+    stops = _some_of_vocab(policy)
+    plain = policy.generate(ids, 8, greedy=True, stop_token_ids=stops)
+    rows = [plain.completion_ids[i, : int(plain.completion_mask[i].sum())].tolist() for i in range(len(ids))]
+    assert max(len(r) for r in rows) >= 4, "test needs completions of a few tokens"
+    calls: list[int] = []
+    hook = policy.model.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+    try:
+        counts = {}
+        for name, wrong_at in (("right", None), ("half", 1), ("wrong", 0)):
+            table = {}
+            for r in rows:
+                for n in range(1, len(r)):
+                    guess = list(r[n:])
+                    if wrong_at is not None and wrong_at < len(guess):
+                        guess[wrong_at] = (guess[wrong_at] + 1) % len(policy.tokenizer)
+                    table[tuple(r[:n])] = guess
+            _oracle(monkeypatch, table)
+            calls.clear()
+            drafted = policy.generate(ids, 8, greedy=True, stop_token_ids=stops, draft=4)
+            counts[name] = len(calls)
+            assert torch.equal(drafted.completion_ids, plain.completion_ids), name
+            assert torch.equal(drafted.completion_mask, plain.completion_mask), name
+            assert torch.equal(drafted.finished, plain.finished), name
+            assert (drafted.logprobs - plain.logprobs).abs().max() < 1e-4, name
+        calls.clear()
+        policy.generate(ids, 8, greedy=True, stop_token_ids=stops)
+        assert counts["right"] < counts["half"] <= counts["wrong"] <= len(calls), (counts, len(calls))
+    finally:
+        hook.remove()
+
+
+def test_draft_sampling_draws_from_the_policy(monkeypatch) -> None:
+    """Sampled with guesses, each token still comes from its exact conditional: the draw that follows a right
+    guess (read from the guess's slot of the same pass) and the draws after a wrong one match the model's
+    probabilities, and the recorded log-probs are the training pass's."""
+    tokenizer = byte_tokenizer()
+    policy = LMPolicy(tiny_lm(tokenizer, seed=0), tokenizer)
+    temperature = 0.2  # the likeliest token ~45%: guesses right about half the time
+    ids = policy.encode_prompts(["What is 37 + 48?"])
+
+    def next_probs(completion: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = policy.model(input_ids=torch.tensor([ids[0] + completion])).logits[0, -1]
+        return (logits / temperature).softmax(-1)
+
+    a = int(next_probs([]).argmax())
+    g2 = int(next_probs([a]).argmax())
+    g3 = int(next_probs([a, g2]).argmax())
+    _oracle(monkeypatch, {(a,): [g2, g3]})
+    n = 6000
+    r = policy.generate(ids, 3, temperature=temperature, num_samples=n, generator=torch.Generator().manual_seed(0),
+                        stop_token_ids=[-1], draft=2)
+    stats = policy.evaluate(r, temperature=temperature)
+    assert (stats.logprobs - r.logprobs).abs().max() < 1e-4
+    c = r.completion_ids
+    first = c[:, 0] == a
+    guessed = first & (c[:, 1] == g2)
+    assert guessed.sum() > 300 and (first & ~guessed).sum() > 300, "test needs both right and wrong guesses"
+
+    def close(draws: torch.Tensor, p: torch.Tensor) -> bool:  # within 5 binomial sd on every token
+        counts = torch.bincount(draws, minlength=len(p)).float()
+        expected = p * len(draws)
+        return bool(((counts - expected).abs() <= 5 * expected.clamp(min=1).sqrt() + 1).all())
+
+    assert close(c[first, 1], next_probs([a]))  # the draw checked against the guess g2
+    assert close(c[guessed, 2], next_probs([a, g2]))  # drawn from the guess's own slot
+    other = int(torch.mode(c[first & ~guessed, 1]).values)  # the commonest wrong guess's continuation
+    assert close(c[first & (c[:, 1] == other), 2], next_probs([a, other]))  # drawn after a fresh pass
+
+
+def test_lookup_guesses_what_follows_the_longest_ngram_in_the_prompt() -> None:
+    from llm_bridge.policy import _lookup
+
+    prompt = [5, 1, 2, 3, 9, 1, 2, 4, 7]
+    assert _lookup(prompt, [8, 1, 2], k=3) == [4, 7]  # the last occurrence of (1, 2), cut at the prompt's end
+    assert _lookup(prompt, [5, 2, 3], k=2) == [9, 1]  # the longest n-gram that matches: (2, 3)
+    assert _lookup(prompt, [7], k=5) == []  # 7 ends the prompt: nothing follows it
+    assert _lookup(prompt, [6], k=5) == [] and _lookup(prompt, [], k=5) == [] and _lookup(prompt, [1], k=0) == []
+    assert _lookup(prompt, [1], k=1) == [2]  # a single token is enough at the completion's start ...
+    assert _lookup(prompt, [8, 3], k=2) == []  # ... but not later: (8, 3) is not in the prompt, and 3 alone is not used

@@ -344,7 +344,8 @@ class LMPolicy(nn.Module):
         Every kept token is drawn from its exact conditional distribution, so this too changes what is
         computed, not what is sampled (only which uniform draws which token). An answer that echoes the question
         ("37 + 48 = 85") has its 5 echoed tokens after "3" guessed from the prompt: one pass where there were 5.
-        Decoding a few tokens costs little more than one on a CPU, where a pass streams all the weights."""
+        A pass over a few tokens costs more than one over one token, though not proportionally, so guessing stops
+        for the rest of the call once fewer than half of the guesses seen by the rows have been kept."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if draft < 0:
@@ -373,6 +374,9 @@ class LMPolicy(nn.Module):
         n_tok = torch.zeros(B, dtype=torch.long, device=self.device)  # tokens so far per row
         done = torch.zeros(B, dtype=torch.bool, device=self.device)  # ended (a stop, stop_text, or the limit)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)  # ended by a stop token or stop_text
+        # Guesses seen and kept by the rows so far. Guessing goes on while at least half are kept: a model that
+        # does not quote its prompt (SmolLM2 before RL writes "The sum of 37 and 48 is ...") only pays for them.
+        guessed = kept_guesses = 0
         while True:
             S = logits.shape[1]
             # Every row draws at every slot of its node ([B, S]); with S = 1, one token per row as in plain sampling.
@@ -382,6 +386,9 @@ class LMPolicy(nn.Module):
             # A row keeps its draws up to the first that differs from its node's guess at that slot.
             hit = (token[:, :-1] == guesses[node]) & (torch.arange(S - 1, device=self.device) < n_guess[node, None])
             accepted = hit.long().cumprod(-1).sum(-1)  # [B] guessed tokens drawn in a row
+            if S > 1:
+                guessed += int(n_guess[node[~done]].sum())
+                kept_guesses += int(accepted[~done].sum())
             last = torch.zeros(B, dtype=torch.long, device=self.device)  # [B] slot of each row's last kept draw
             for j in range(S):
                 live = (~done & (j <= accepted)).nonzero().squeeze(-1)  # rows that keep their draw at slot j
@@ -424,7 +431,8 @@ class LMPolicy(nn.Module):
                 0, node[open_rows], open_rows)  # [N'] a row of each node
             room = (max_new_tokens - 1 - n_tok[rep]).tolist()
             new_guesses = [
-                _lookup(prompt_lists[b // num_samples], tokens[b, : n_tok[b]].tolist(), min(draft, k)) if draft else []
+                _lookup(prompt_lists[b // num_samples], tokens[b, : n_tok[b]].tolist(), min(draft, k))
+                if draft and 2 * kept_guesses >= guessed else []
                 for b, k in zip(rep.tolist(), room)]
             G = max(len(g) for g in new_guesses)
             guesses = torch.zeros(len(parent), G, dtype=torch.long, device=self.device)

@@ -137,8 +137,9 @@ class LMConfig:
     """Prompt-lookup speculative sampling: where the last tokens written also occur in the prompt, guess that up to
     this many of the prompt's next tokens follow, and check the guesses in the same forward pass as the token
     before them (`LMPolicy.generate(draft=...)`). Exact: every token is still drawn from the policy's own
-    distribution. An answer that quotes its question ("37 + 48 = 85") then costs ~6 passes instead of ~11.
-    0 = one token per pass."""
+    distribution. An answer that quotes its question ("37 + 48 = 85") gets its 5 echoed tokens in one pass, not 5.
+    Guessing stops for the rest of a generate call once fewer than half the guesses are kept. 0 = one token per
+    pass."""
     stop_at_answer: bool = True
     """End a completion as soon as the game says more text cannot change its reward (`TextGame.answer_done`:
     the paragraph holding the answer is closed). Same rewards, fewer tokens to sample, and no gradient through

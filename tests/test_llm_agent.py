@@ -362,6 +362,8 @@ def test_greedy_evaluation_uses_the_weights_moving_average(tmp_path):
     torch.testing.assert_close(restored.ema[0], 0.75 * start + 0.25 * live)
     with pytest.raises(ValueError, match="ema_decay"):
         LMConfig(ema_decay=1.0).validate(8)
+    with pytest.raises(ValueError, match="draft must be >= 0"):
+        LMConfig(draft=-1).validate(8)
 
 
 def test_value_head_has_its_own_learning_rate():

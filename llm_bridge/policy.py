@@ -423,7 +423,6 @@ class LMPolicy(nn.Module):
             node_mask, node_len = node_mask[parent], node_len[parent]
             if fed:
                 # Of the last pass's columns (the node's token, then its guesses), a child keeps 1 + its guesses kept.
-                node_mask = node_mask.clone()
                 node_mask[:, -fed:] *= (torch.arange(fed, device=self.device)[None, :] <= kept[:, None]).long()
                 node_len = node_len + kept + 1
             # Guesses for each new node, from its prompt (`_lookup`), no further than the token limit.

@@ -131,12 +131,11 @@ def train(algo: str, game: str, args, resume_dir: str | None = None) -> dict[str
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {"algo": algo, "game": spec.name, "game_kind": spec.kind, "device": str(device),
                   "args": dataclasses.asdict(args), "versions": _versions()}
-        write_json(run_dir / "config.json", config)
         hparams = _flatten(dataclasses.asdict(args))
         eval_fn = make_env_fn(spec, args, split="test")  # text games: the fixed held-out set
         trainer = Trainer(agent, env, tc, run_dir, algo=algo, game=spec.name, hparams=hparams,
                           make_eval_env=lambda n: eval_fn(n, tc.seed + 10_000),
-                          score_name="accuracy" if spec.kind == "text" else "return")
+                          score_name="accuracy" if spec.kind == "text" else "return", run_config=config)
         return trainer.run(resume=resume_state)
     finally:
         env.close()

@@ -124,12 +124,14 @@ class Trainer:
         hparams: dict[str, Any] | None = None,
         make_eval_env: Callable[[int], Any] | None = None,
         score_name: str = "return",
+        run_config: dict[str, Any] | None = None,
     ):
         config.validate()
         self.agent, self.env, self.cfg = agent, env, config
         self.run_dir = Path(run_dir)
         self.algo, self.game = algo, game
         self.hparams = hparams or {}
+        self.run_config = run_config  # written to config.json by run(), once a resumed checkpoint has loaded
         self.make_eval_env = make_eval_env
         self.score_name = score_name  # "accuracy" for text games: their episodic return is 1 if correct, else 0
         self.global_step = 0
@@ -180,6 +182,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             self.restore(resume)
+        if self.run_config is not None:  # after the restore: a refused resume leaves the run's config as it was
+            write_json(self.run_dir / "config.json", self.run_config)
         # On resume, drop events a crashed run logged after its last checkpoint (steps > the checkpoint's).
         logger = Logger(str(self.run_dir), purge_step=self.global_step + 1 if resume else None)
         if resume is None:

@@ -18,7 +18,9 @@ update trains 8-16), and one AdamW step. Each variant below switches on one more
                 (`policy.SHARE_COMPLETION_STEMS`)
   +draft        prompt-lookup speculative sampling: up to 4 tokens guessed from the prompt, checked in one pass
                 (`generate(draft=4)`, the `--draft` default)
-  +no-prompt-grad   not exact, unlike the others: the training pass runs the prompt without a graph
+  +lora         not exact, unlike the ones above: LoRA rank 16 on every linear layer (`--lora-rank 16`;
+                `llm_bridge.lora`): no gradients for the frozen weights, AdamW over 4.9M adapter weights
+  +no-prompt-grad   not exact either: the training pass runs the prompt without a graph
                 (`--no-prompt-grad`: same log-probs, the gradient only through the completion positions)
 
 Completions here are real samples from SmolLM2 (answers to "What is A + B?"), so how many tokens the rows of a
@@ -39,6 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede `import torc
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
+import copy
 import random
 import statistics
 import time
@@ -53,7 +56,8 @@ from games import make
 from llm_bridge import LMPolicy, load_lm
 from llm_bridge.policy import cpu_has_bf16
 
-VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16", "+nodes", "+stems", "+draft", "+no-prompt-grad")
+VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16", "+nodes", "+stems", "+draft", "+lora",
+            "+no-prompt-grad")
 
 
 def multinomial(weights: torch.Tensor, generator: torch.Generator | None, rows: torch.Tensor | None = None
@@ -96,9 +100,12 @@ def main() -> None:
     plain = LMPolicy(model, tokenizer)  # both wrap the same weights
     mixed = LMPolicy(model, tokenizer, autocast=torch.bfloat16)
     native_bf16 = cpu_has_bf16()
+    # The LoRA variant adapts a copy (add_lora replaces the copy's linear layers; the others keep the plain model).
+    lora = LMPolicy(copy.deepcopy(model), tokenizer, autocast=torch.bfloat16 if native_bf16 else None, lora_rank=16)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = {False: torch.optim.AdamW(params, lr=1e-9, weight_decay=0.0),  # lr ~0: the weights stay put
-                  True: torch.optim.AdamW(params, lr=1e-9, weight_decay=0.0, fused=True)}
+                  True: torch.optim.AdamW(params, lr=1e-9, weight_decay=0.0, fused=True),
+                  "lora": torch.optim.AdamW(lora.trainable_parameters(), lr=1e-9, weight_decay=0.0, fused=True)}
     rng = random.Random(0)
     originals = (policy_module._inverse_cdf, policy_module._prefill)
 
@@ -110,7 +117,9 @@ def main() -> None:
         policy_module.SHARE_COMPLETION_STEMS = on >= 6
         # bfloat16 only where the CPU has it natively (what --dtype auto does); elsewhere +bf16 equals +fused.
         policy, optimizer = (mixed if on >= 4 and native_bf16 else plain), optimizers[on >= 3]
-        policy.prompt_grad = on < 8
+        if on >= 8:
+            policy, optimizer = lora, optimizers["lora"]
+        policy.prompt_grad = on < 9
         prompts = [f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}? Answer with just the number."
                    for _ in range(args.prompts)]
         t0 = time.perf_counter()
@@ -123,7 +132,7 @@ def main() -> None:
         loss = -(stats.logprobs * batch.completion_mask).sum() / batch.completion_mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
         t2 = time.perf_counter()
         optimizer.step()
         t3 = time.perf_counter()
@@ -141,7 +150,7 @@ def main() -> None:
     finally:
         policy_module._inverse_cdf, policy_module._prefill = originals
         policy_module.SHARE_SAMPLING_NODES = policy_module.SHARE_COMPLETION_STEMS = True
-        plain.prompt_grad = mixed.prompt_grad = True
+        plain.prompt_grad = mixed.prompt_grad = lora.prompt_grad = True
 
     print(f"\nSmolLM2-135M-Instruct{' from ' + args.from_run if args.from_run else ''}, {torch.get_num_threads()} threads, {args.prompts} x {args.group_size} "
           f"completions of {args.max_new_tokens} tokens, {args.train_rows} in the training pass; "

@@ -68,7 +68,13 @@ class LMConfig:
     turns it off (it over-weights groups that are almost all right or all wrong); our measured SmolLM2 runs used it
     (benchmarks/RESULTS.md)."""
     llm_lr: float = 5e-6
-    """AdamW learning rate of the language model."""
+    """AdamW learning rate of the language model (of its adapters with `lora_rank`)."""
+    lora_rank: int = 0
+    """0: train every weight of the LM. r > 0: freeze the LM and train rank-r adapters on each linear layer of its
+    blocks (LoRA, `llm_bridge.lora`; the embedding table / LM head stays frozen). Adapters need a larger
+    `llm_lr` than full fine-tuning (measured in docs/llm.md)."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: the adapter's output is multiplied by lora_alpha / lora_rank."""
     anneal_lr: bool = False
     """Decay both learning rates linearly to 0 over the run (as PPO on Atari does)."""
     llm_epochs: int = 1
@@ -182,6 +188,9 @@ class LMConfig:
             raise ValueError(f"loss_norm={self.loss_norm!r}: use trained or sampled.")
         if self.min_informative < 0 or self.max_sample_batches < 1:
             raise ValueError("min_informative must be >= 0 and max_sample_batches >= 1.")
+        if self.lora_rank < 0 or self.lora_alpha <= 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = train every weight) and lora_alpha > 0, got "
+                             f"{self.lora_rank} and {self.lora_alpha}.")
         if self.draft < 0:
             raise ValueError(f"draft must be >= 0 (0 = no guessed tokens), got {self.draft}.")
         if num_envs % self.llm_minibatches:
@@ -197,9 +206,10 @@ class LMAgent:
         self.cfg, self.num_envs = cfg, num_envs
         self.answer_done = answer_done if cfg.stop_at_answer else None  # the game's "the answer has ended"
         self.policy = LMPolicy.from_name(cfg.model, device=str(device), dtype=cfg.dtype,
-                                         value_head=cfg.advantage == "value", reference=True, seed=seed)
+                                         value_head=cfg.advantage == "value", reference=True, seed=seed,
+                                         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
         self.policy.prompt_grad = cfg.prompt_grad
-        lm_params = [p for p in self.policy.model.parameters() if p.requires_grad]  # not the frozen reference
+        lm_params = [p for p in self.policy.model.parameters() if p.requires_grad]  # not the reference (or, LoRA, the base)
         groups = [{"params": lm_params, "lr": cfg.llm_lr}]  # group 0: the LM (charts/learning_rate)
         if self.policy.value_head is not None:
             groups.append({"params": list(self.policy.value_head.parameters()), "lr": cfg.value_lr})
@@ -491,6 +501,12 @@ class LMAgent:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_rank = next((int(v.shape[0]) for k, v in state["policy"].items() if k.endswith(".lora_a")), 0)
+        if saved_rank != self.cfg.lora_rank:  # else torch lists hundreds of missing / unexpected keys
+            held = f"rank-{saved_rank} LoRA adapters" if saved_rank else "a fully fine-tuned model"
+            raise ValueError(f"this checkpoint holds {held} but the run is configured with lora_rank="
+                             f"{self.cfg.lora_rank}: pass --lora-rank {saved_rank} (or leave it out to use the run's "
+                             "saved config).")
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         # The saved optimizer state carries the learning rates it ran with; the config's count (a --llm-lr given

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.common import masked_mean  # the same helper the PPO loss uses
+from llm_bridge.lora import add_lora, merged_adapters
 from llm_bridge.models import load_lm, resolve_device
 
 # Two exact savings, on by default; the switches exist so that benchmarks/bench_llm_update.py can measure each.
@@ -171,6 +172,8 @@ class LMPolicy(nn.Module):
         value_head: bool = False,
         reference: bool = False,
         autocast: torch.dtype | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float = 32.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -197,6 +200,11 @@ class LMPolicy(nn.Module):
         self.ref_model: PreTrainedModel | None = None
         if reference:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # LoRA (llm_bridge.lora): freeze the LM, train low-rank adapters on its linear layers; B = 0, so the policy
+        # starts as the model (and the reference above, copied first, is that model without adapters).
+        self.lora_rank = lora_rank
+        if lora_rank:
+            add_lora(self.model, lora_rank, lora_alpha)
 
     @classmethod
     def from_name(
@@ -207,14 +215,18 @@ class LMPolicy(nn.Module):
         value_head: bool = False,
         reference: bool = False,
         seed: int = 0,
+        lora_rank: int = 0,
+        lora_alpha: float = 32.0,
     ) -> LMPolicy:
         """`load_lm(name, device, dtype, seed=seed)` wrapped as a policy.
 
         dtype: "auto" ("mixed" on CUDA and on CPUs with native bfloat16, else "float32"), "mixed" (float32 weights, bfloat16 autocast),
-        or a weights dtype for `load_lm` ("float32", "bfloat16", "float16") with no autocast."""
+        or a weights dtype for `load_lm` ("float32", "bfloat16", "float16") with no autocast.
+        lora_rank: 0 trains every weight; r > 0 freezes them and trains rank-r adapters (`llm_bridge.lora`)."""
         weights, autocast = policy_precision(dtype, resolve_device(device))
         model, tokenizer = load_lm(name, device=device, dtype=weights, seed=seed)
-        return cls(model, tokenizer, value_head=value_head, reference=reference, autocast=autocast)
+        return cls(model, tokenizer, value_head=value_head, reference=reference, autocast=autocast,
+                   lora_rank=lora_rank, lora_alpha=lora_alpha)
 
     @property
     def device(self) -> torch.device:
@@ -233,7 +245,7 @@ class LMPolicy(nn.Module):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """LM weights + value head; never the frozen reference."""
+        """LM weights (or, with LoRA, the adapters) + value head; never the frozen reference."""
         return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------ text <-> ids
@@ -314,7 +326,7 @@ class LMPolicy(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with self._precision():
+            with self._precision(), merged_adapters(self.model):  # LoRA: one weight per layer while sampling
                 if beam:
                     return self._beam_loop(prompt_ids, max_new_tokens, temperature, stops, num_samples, stop_text,
                                            beam_min_prob)

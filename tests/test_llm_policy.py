@@ -703,3 +703,38 @@ def test_lookup_guesses_what_follows_the_longest_ngram_in_the_prompt() -> None:
     assert _lookup(prompt, [6], k=5) == [] and _lookup(prompt, [], k=5) == [] and _lookup(prompt, [1], k=0) == []
     assert _lookup(prompt, [1], k=1) == [2]  # a single token is enough at the completion's start ...
     assert _lookup(prompt, [8, 3], k=2) == []  # ... but not later: (8, 3) is not in the prompt, and 3 alone is not used
+
+
+def test_lora_starts_as_the_model_trains_only_its_adapters_and_samples_with_them() -> None:
+    """`lora_rank`: every weight of the LM frozen, rank-r adapters on each linear layer of its blocks. B = 0, so the
+    policy starts as the model; sampling (merged weights) and training (thin products) then agree after every
+    AdamW step (the fused step does not bump tensor versions, so a stale merge would show here)."""
+    from llm_bridge.lora import LoRALinear, add_lora, lora_layers
+
+    tokenizer = byte_tokenizer()
+    policy = LMPolicy(tiny_lm(tokenizer, seed=0), tokenizer, reference=True, lora_rank=4)
+    layers = lora_layers(policy.model)
+    assert len(layers) == 7 * policy.model.config.num_hidden_layers  # q, k, v, o, gate, up, down per block
+    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith((".lora_a", ".lora_b")) for n in trained)
+    frozen = {n: p.detach().clone() for n, p in policy.model.named_parameters() if not p.requires_grad}
+    ids = policy.encode_prompts(PROMPTS)
+    g = torch.Generator().manual_seed(0)
+    r = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=g)
+    assert torch.equal(policy.evaluate(r).logprobs.detach(), policy.ref_token_logprobs(r))  # B = 0: the model itself
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2, weight_decay=0.0, fused=True)
+    for _ in range(3):
+        r = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=g)
+        stats = policy.evaluate(r)
+        assert (stats.logprobs - r.logprobs).abs().max() < 1e-5  # sampled with the adapters as they are now
+        optimizer.zero_grad(set_to_none=True)
+        (-(stats.logprobs * r.completion_mask).sum()).backward()
+        optimizer.step()
+    assert all(layer.merged is None for layer in layers)  # the merge lives only inside generate
+    assert all(torch.equal(p, frozen[n]) for n, p in policy.model.named_parameters() if not p.requires_grad)
+    kl = kl_k3(policy.token_logprobs(r), policy.ref_token_logprobs(r), r.completion_mask).item()
+    assert kl > 1e-3  # the adapters moved the policy away from the frozen model
+    with pytest.raises(ValueError, match="no linear layer named"):
+        add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), rank=2)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        LoRALinear(torch.nn.Linear(2, 2), rank=0, alpha=1.0)

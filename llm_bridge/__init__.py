@@ -5,6 +5,7 @@
 - `policy.py`: `LMPolicy` (batched KV-cache sampling with exact per-token log-probs, one-pass
   training log-probs / entropy / values, optional frozen reference model), the `Rollout` batch it
   returns, and the k3 KL helpers. Its docstring documents the tensor API the RL agent builds on.
+- `lora.py`: low-rank adapters on a frozen model (`add_lora`; `LMPolicy(..., lora_rank=R)`).
 """
 
 from llm_bridge.models import byte_tokenizer, load_lm, smollm2_gguf_path, tiny_lm

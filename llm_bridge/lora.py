@@ -7,12 +7,14 @@ layer instead of in * out: for SmolLM2-135M at rank 16, 4.9M trained weights ins
 
 Why a policy-gradient lab wants this:
   * A policy-gradient update carries very little information: a few bits per completion (one scalar reward).
-    "LoRA Without Regret" (Schulman et al., Thinking Machines, 2025) finds that for RL even rank-1 adapters
-    learn as fast as full fine-tuning, at a learning rate ~10x higher (the adapter's scale differs).
+    "LoRA Without Regret" (Schulman et al., Thinking Machines, 2025) reports that for RL even rank-1 adapters
+    learn as fast as full fine-tuning, at a learning rate ~10x higher (the adapter's scale differs). On
+    SmolLM2 and 2-digit addition we measured otherwise (docs/llm.md): they stall lower.
   * The step is cheaper. The backward pass computes no gradient for the frozen weights (for each linear
     layer, one of its two backward matrix products is gone, and so is the dense [vocab, hidden] gradient
     of the embedding table), and AdamW updates 4.9M numbers instead of 135M.
-  * The reference policy is the base model: a checkpoint needs only the adapters on top of it.
+  * The reference policy is the frozen model itself (ponglab still keeps its usual frozen copy and saves the
+    whole policy in checkpoints; saving the adapters alone would be the next saving).
 
 The scale alpha / r keeps the adapter's output at the same size across ranks for the same learning rate
 (A ~ U(+-1/sqrt(in)) so A x has entries of size ~|x|, and Adam moves B by ~lr per step whatever r is).

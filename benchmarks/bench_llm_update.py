@@ -55,6 +55,7 @@ from agents.checkpoint import load_checkpoint
 from games import make
 from llm_bridge import LMPolicy, load_lm
 from llm_bridge.policy import cpu_has_bf16
+from llm_step import train_step  # benchmarks/llm_step.py (the script's folder is on sys.path)
 
 VARIANTS = ("baseline", "+sampler", "+prefix", "+fused", "+bf16", "+nodes", "+stems", "+draft", "+lora",
             "+no-prompt-grad")
@@ -125,18 +126,8 @@ def main() -> None:
         t0 = time.perf_counter()
         rollout = policy.generate(policy.encode_prompts(prompts), args.max_new_tokens,
                                   num_samples=args.group_size, draft=4 if on >= 7 else 0, **stops)
-        t1 = time.perf_counter()
-        batch = rollout[torch.arange(args.train_rows)]
-        policy.train()
-        stats = policy.evaluate(batch, with_entropy=True)
-        loss = -(stats.logprobs * batch.completion_mask).sum() / batch.completion_mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
-        t2 = time.perf_counter()
-        optimizer.step()
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
+        gen = time.perf_counter() - t0
+        return (gen, *train_step(policy, rollout, args.train_rows, optimizer, policy.trainable_parameters()))
 
     variants = [v for v in VARIANTS if v in args.variants]
     times: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}

@@ -35,6 +35,7 @@ import llm_bridge.policy as current
 from agents.checkpoint import load_checkpoint
 from games import make
 from llm_bridge import load_lm
+from llm_step import train_step  # benchmarks/llm_step.py (the script's folder is on sys.path)
 
 
 def policy_module_at(rev: str):
@@ -79,18 +80,9 @@ def main() -> None:
         t0 = time.perf_counter()
         rollout = policy.generate(ids, 16, num_samples=4, stop_text=game.answer_done,
                                   generator=torch.Generator().manual_seed(seed), **extra)
-        t1 = time.perf_counter()
-        batch = rollout[torch.arange(args.train_rows)]
-        policy.train()
-        stats = policy.evaluate(batch, with_entropy=True)
-        loss = -(stats.logprobs * batch.completion_mask).sum() / batch.completion_mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        t2 = time.perf_counter()
-        optimizer.step()
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2, t3 - t0
+        gen = time.perf_counter() - t0
+        train, optim = train_step(policy, rollout, args.train_rows, optimizer, params)
+        return gen, train, optim, gen + train + optim
 
     names = list(policies)
     times: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}

@@ -24,6 +24,7 @@ import tyro
 from agents.checkpoint import load_checkpoint
 from games.text import make_task, test_set
 from llm_bridge import LMPolicy
+from llm_bridge.agent import load_policy
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def main(cfg: Config) -> None:
     torch.manual_seed(cfg.seed)
     policy = LMPolicy.from_name(cfg.model, device="cpu", reference=True)
     if cfg.run != "base":
-        policy.load_state_dict(load_checkpoint(f"{cfg.run}/checkpoints/latest.pt")["agent"]["policy"])
+        load_policy(policy, load_checkpoint(f"{cfg.run}/checkpoints/latest.pt")["agent"])
     task = make_task("addition")
     problems = test_set(task)
     texts: list[str] = []

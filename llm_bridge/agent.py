@@ -494,8 +494,10 @@ class LMAgent:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        # The reference model is the initial weights: save it too, so a resumed run measures KL to the same start.
-        state = {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+        # Frozen weights (the reference, the LoRA base) are left out: the run's --model loads them again on resume,
+        # and a fingerprint checks they are the same (LMPolicy.checkpoint_state).
+        policy = self.policy.checkpoint_state()
+        state = {"policy": policy["weights"], "policy_frozen": policy["frozen"], "optimizer": self.optimizer.state_dict(), "updates": self.updates}
         if self.ema is not None:
             state["ema"] = [e.clone() for e in self.ema]
         return state
@@ -507,7 +509,7 @@ class LMAgent:
             raise ValueError(f"this checkpoint holds {held} but the run is configured with lora_rank="
                              f"{self.cfg.lora_rank}: pass --lora-rank {saved_rank} (or leave it out to use the run's "
                              "saved config).")
-        self.policy.load_state_dict(state["policy"])
+        load_policy(self.policy, state)
         self.optimizer.load_state_dict(state["optimizer"])
         # The saved optimizer state carries the learning rates it ran with; the config's count (a --llm-lr given
         # with --resume must not be silently dropped). With anneal_lr the next update rescales them anyway.
@@ -520,6 +522,14 @@ class LMAgent:
                 saved = [p.detach() for p in self.lm_params]
             for e, v in zip(self.ema, saved):
                 e.copy_(v)
+
+
+def load_policy(policy: LMPolicy, agent_state: dict[str, Any]) -> None:
+    """Load the policy weights of an LM checkpoint's agent state (`load_checkpoint(run)["agent"]`) into `policy`."""
+    if "policy_frozen" in agent_state:
+        policy.load_checkpoint_state({"weights": agent_state["policy"], "frozen": agent_state["policy_frozen"]})
+    else:  # checkpoints before frozen weights were left out hold the whole policy
+        policy.load_state_dict(agent_state["policy"])
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +248,41 @@ class LMPolicy(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LM weights (or, with LoRA, the adapters) + value head; never the frozen reference."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The policy for a checkpoint: {"weights": state_dict without the frozen weights, "frozen": fingerprint}.
+
+        Frozen weights (the reference copy, and with LoRA the whole base model) never change: they are what
+        `from_name` loads, and a resumed run loads them again. Saving them would add 540 MB per frozen copy of
+        SmolLM2 (a full fine-tuning checkpoint was 2.15 GB: LM, reference, AdamW's two moments; a LoRA one was
+        mostly frozen weights). In their place goes a fingerprint, per frozen tensor its float64 sum and sum of
+        squares, that `load_checkpoint_state` checks against the weights loaded now."""
+        state = self.state_dict(keep_vars=True)
+        frozen = [k for k, v in state.items() if isinstance(v, nn.Parameter) and not v.requires_grad]
+        weights = {k: v.detach() for k, v in state.items() if k not in set(frozen)}
+        return {"weights": weights, "frozen": {"keys": frozen, "stats": _fingerprint([state[k] for k in frozen])}}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Load what `checkpoint_state` wrote (or, from older checkpoints, a full state_dict)."""
+        if "weights" not in state:  # a full state_dict (checkpoints before frozen weights were left out)
+            self.load_state_dict(state)
+            return
+        frozen = list(state["frozen"]["keys"])
+        current = self.state_dict(keep_vars=True)
+        absent = [k for k in frozen if k not in current]
+        if absent or not torch.allclose(_fingerprint([current[k] for k in frozen]), state["frozen"]["stats"].double(),
+                                        rtol=1e-5, atol=1e-6):
+            raise ValueError(
+                "the frozen weights of this policy (the reference copy; with LoRA the base model) are not the ones "
+                "the checkpoint was trained on" + (f" ({len(absent)} are missing, e.g. {absent[0]})" if absent else "")
+                + ". Load the same --model the run was started with (its config.json says which).")
+        missing, unexpected = self.load_state_dict(state["weights"], strict=False)
+        missing = sorted(set(missing) - set(frozen))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit this policy: missing {missing[:3]}, unexpected "
+                             f"{list(unexpected)[:3]} (another model or value-head setting than the run's?)")
 
     # ------------------------------------------------------------------------------------ text <-> ids
 
@@ -600,6 +636,14 @@ class LMPolicy(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def _fingerprint(tensors: Sequence[Tensor]) -> Tensor:
+    """[N, 2] float64: the sum and the sum of squares of each tensor (what `checkpoint_state` keeps of frozen ones)."""
+    if not tensors:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    with torch.no_grad():
+        return torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).cpu()
 
 
 def cpu_has_bf16() -> bool:

@@ -738,3 +738,35 @@ def test_lora_starts_as_the_model_trains_only_its_adapters_and_samples_with_them
         add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), rank=2)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LoRALinear(torch.nn.Linear(2, 2), rank=0, alpha=1.0)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_checkpoints_leave_out_frozen_weights_and_refuse_other_ones(lora_rank: int) -> None:
+    """`checkpoint_state` saves what trains (the LM, or with LoRA its adapters) and only a fingerprint of the frozen
+    weights (the reference copy; the LoRA base). Loaded into a policy rebuilt from the same model, it restores the
+    policy exactly; into one whose frozen weights differ, it refuses with a message naming the fix."""
+    tokenizer = byte_tokenizer()
+    policy = LMPolicy(tiny_lm(tokenizer, seed=0), tokenizer, reference=True, lora_rank=lora_rank)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # as if trained
+    saved = policy.checkpoint_state()
+    assert not any(k.startswith("ref_model.") for k in saved["weights"])
+    frozen = {n for n, p in policy.named_parameters() if not p.requires_grad}
+    assert frozen and frozen.isdisjoint(saved["weights"]) and frozen <= set(saved["frozen"]["keys"])
+    if lora_rank:
+        assert {k for k in saved["weights"] if k.endswith((".lora_a", ".lora_b"))} == \
+            {n for n, p in policy.named_parameters() if p.requires_grad}
+    ids = policy.encode_prompts(PROMPTS)
+    r = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=torch.Generator().manual_seed(0))
+    fresh = LMPolicy(tiny_lm(tokenizer, seed=0), tokenizer, reference=True, lora_rank=lora_rank)
+    assert not torch.equal(fresh.token_logprobs(r), policy.token_logprobs(r))
+    fresh.load_checkpoint_state(saved)
+    assert torch.equal(fresh.token_logprobs(r), policy.token_logprobs(r))
+    assert torch.equal(fresh.ref_token_logprobs(r), policy.ref_token_logprobs(r))
+    other = LMPolicy(tiny_lm(tokenizer, seed=1), tokenizer, reference=True, lora_rank=lora_rank)
+    with pytest.raises(ValueError, match="not the ones the checkpoint was trained on.*same --model"):
+        other.load_checkpoint_state(saved)
+    full = fresh.state_dict()  # a checkpoint from before frozen weights were left out: the whole state_dict
+    fresh.load_checkpoint_state(full)
+    assert torch.equal(fresh.token_logprobs(r), policy.token_logprobs(r))

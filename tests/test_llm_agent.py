@@ -63,6 +63,9 @@ def test_cli_text_game_run_folder_and_eval(tmp_path, capsys):
     assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
     config = json.loads((run / "config.json").read_text())
     assert config["args"]["lm"]["model"] == "tiny-bytes"
+    # The default command's recipe: adapters at their own default rate, dynamic sampling, a weight average.
+    lm = config["args"]["lm"]
+    assert (lm["lora_rank"], lm["llm_lr"], lm["min_informative"], lm["ema_decay"]) == (16, None, 16, 0.95)
     capsys.readouterr()
     main(["eval", str(run), "--episodes", "10"])
     assert "over 10 episodes" in capsys.readouterr().out
@@ -73,11 +76,22 @@ def test_resume_takes_the_learning_rate_given_now(tmp_path):
     at X, not silently at the saved rate."""
     run = tmp_path / "lr"
     base = ["--model", "tiny-bytes", "--num-envs", "8", "--group-size", "4", "--max-new-tokens", "4",
-            "--eval-episodes", "0", "--no-progress", "--dtype", "float32"]
+            "--eval-episodes", "0", "--no-progress", "--dtype", "float32", "--min-informative", "0"]  # an update a batch
     main(["train", "ppo", "repeat", "--run-dir", str(run), "--steps", "16", "--llm-lr", "1e-4", *base])
     main(["train", "ppo", "repeat", "--resume", str(run), "--steps", "32", "--llm-lr", "3e-4"])
     lrs = scalars(run, "charts/learning_rate")
     assert lrs == pytest.approx([1e-4, 1e-4, 3e-4, 3e-4])
+
+
+def test_default_learning_rate_depends_on_what_trains():
+    assert LMConfig().lm_lr == 5e-6 and LMConfig(lora_rank=16).lm_lr == 1.5e-4
+    assert LMConfig(lora_rank=16, llm_lr=3e-4).lm_lr == 3e-4 and LMConfig(llm_lr=1e-5).lm_lr == 1e-5
+    import torch
+
+    from llm_bridge.agent import LMAgent
+
+    agent = LMAgent(LMConfig(model="tiny-bytes", group_size=4, lora_rank=4), 8, torch.device("cpu"))
+    assert agent.optimizer.param_groups[0]["lr"] == 1.5e-4
 
 
 @pytest.mark.parametrize(

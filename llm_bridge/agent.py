@@ -552,7 +552,7 @@ class LMArgs:
                                      eval_at_start=True, checkpoint_every=1_000_000, train_minutes=15.0)
     # The recipe of the default command: rank-16 LoRA adapters, dynamic sampling (an update waits for 16
     # completions with signal, from up to 4 batches) and greedy evaluation of a 0.95 moving average of the weights.
-    # On the 2-core AVX2 CPU it ended its 15 minutes at 89.0% / 87.4% (seeds 1 / 2), where plain full
+    # On the 2-core AVX2 CPU it ended its 15 minutes at 87.4-89.0% (three runs), where plain full
     # fine-tuning (LMConfig's own defaults) ended at 77.0% and adapters alone at 81.4% (benchmarks/RESULTS.md).
     lm: LMConfig = field(default_factory=lambda: LMConfig(lora_rank=16, min_informative=16, ema_decay=0.95))
     resume: str | None = None

@@ -69,7 +69,7 @@ class LMConfig:
     (benchmarks/RESULTS.md)."""
     llm_lr: float | None = None
     """AdamW learning rate of the language model (of its adapters with `lora_rank`). None: 5e-6 when every weight
-    trains, 1.5e-4 for adapters, the rates measured for SmolLM2 (adapters need ~30x more: docs/llm.md)."""
+    trains, 3e-4 for adapters, the rates measured best for SmolLM2 (adapters need ~60x more: docs/llm.md)."""
     lora_rank: int = 0
     """0: train every weight of the LM. r > 0: freeze the LM and train rank-r adapters on each linear layer of its
     blocks (LoRA, `llm_bridge.lora`; the embedding table / LM head stays frozen). Adapters need a larger
@@ -168,7 +168,7 @@ class LMConfig:
         """The LM's learning rate: `llm_lr`, or its default for full fine-tuning / adapters."""
         if self.llm_lr is not None:
             return self.llm_lr
-        return 1.5e-4 if self.lora_rank else 5e-6
+        return 3e-4 if self.lora_rank else 5e-6
 
     def validate(self, num_envs: int) -> None:
         if self.group_size < 1 or num_envs % self.group_size:

@@ -84,14 +84,14 @@ def test_resume_takes_the_learning_rate_given_now(tmp_path):
 
 
 def test_default_learning_rate_depends_on_what_trains():
-    assert LMConfig().lm_lr == 5e-6 and LMConfig(lora_rank=16).lm_lr == 1.5e-4
-    assert LMConfig(lora_rank=16, llm_lr=3e-4).lm_lr == 3e-4 and LMConfig(llm_lr=1e-5).lm_lr == 1e-5
+    assert LMConfig().lm_lr == 5e-6 and LMConfig(lora_rank=16).lm_lr == 3e-4
+    assert LMConfig(lora_rank=16, llm_lr=1.5e-4).lm_lr == 1.5e-4 and LMConfig(llm_lr=1e-5).lm_lr == 1e-5
     import torch
 
     from llm_bridge.agent import LMAgent
 
     agent = LMAgent(LMConfig(model="tiny-bytes", group_size=4, lora_rank=4), 8, torch.device("cpu"))
-    assert agent.optimizer.param_groups[0]["lr"] == 1.5e-4
+    assert agent.optimizer.param_groups[0]["lr"] == 3e-4
 
 
 @pytest.mark.parametrize(

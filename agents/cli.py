@@ -158,6 +158,9 @@ def cmd_eval(argv: list[str]) -> None:
         """Device to run the network on."""
         seed: int = 12345
         """Seed of the evaluation envs."""
+        completions: bool = False
+        """Text games: also write RUN_DIR/eval_completions.jsonl, one line per held-out problem (prompt, answer,
+        completion, score), to see what the model gets wrong."""
 
     a = tyro.cli(EvalArgs, args=argv, prog="ponglab eval")
     run_dir = Path(a.run_dir)
@@ -181,13 +184,22 @@ def cmd_eval(argv: list[str]) -> None:
     agent = build_agent(algo, spec, args, env, device)
     agent.load_state_dict(state["agent"])
     frames: list | None = [] if a.video else None
-    result = evaluate(agent, env, a.episodes, video=frames)
+    transcript: list | None = [] if a.completions else None
+    result = evaluate(agent, env, a.episodes, video=frames, transcript=transcript)
     env.close()
     print(f"{algo} on {spec.name}: {result['return_mean']:.2f} ± {result['return_std']:.2f} "
           f"over {result['episodes']} episodes (raw game score; step {state['trainer']['global_step']})")
     write_json(run_dir / "eval.json", {**result, "checkpoint_step": state["trainer"]["global_step"]})
     if frames:
         print(f"video: {save_video(frames, run_dir / 'videos')}")
+    if a.completions:
+        if not transcript:
+            _fail(f"--completions is for text games; {spec.name} has no completions to write.")
+        path = run_dir / "eval_completions.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(rec) + "\n" for rec in transcript))
+        os.replace(tmp, path)  # atomic, like every file of a run
+        print(f"completions: {path} ({sum(rec['score'] < 1 for rec in transcript)} of {len(transcript)} scored below 1)")
 
 
 def save_video(frames: list, folder: Path, fps: int = 30) -> Path:

@@ -77,16 +77,18 @@ class TrainConfig:
             raise ValueError(f"train_minutes must be >= 0 (0 = no limit), got {self.train_minutes}.")
 
 
-def evaluate(agent: Agent, env, episodes: int, video: list | None = None) -> dict[str, Any]:
+def evaluate(agent: Agent, env, episodes: int, video: list | None = None,
+             transcript: list | None = None) -> dict[str, Any]:
     """Play `episodes` episodes greedily and return their raw scores.
 
     Each env plays the same number of episodes (ceil(episodes / num_envs)) and we keep them in round-robin
     order: stopping at the first `episodes` finished ones would favour short episodes. `video`, if a list,
-    receives env 0's frames (RGB arrays) until its first episode ends.
+    receives env 0's frames (RGB arrays) until its first episode ends. `transcript`, if a list, receives one dict
+    per kept episode of a text game, in the order of `returns`: prompt, reference answer, completion, score.
     """
     n = env.num_envs
     quota = math.ceil(episodes / n)
-    done_eps: list[list[tuple[float, int]]] = [[] for _ in range(n)]
+    done_eps: list[list[tuple[float, int, dict | None]]] = [[] for _ in range(n)]
     obs, _ = env.reset()
     recording = video is not None and hasattr(env, "frame")
     while any(len(d) < quota for d in done_eps):
@@ -95,15 +97,22 @@ def evaluate(agent: Agent, env, episodes: int, video: list | None = None) -> dic
         obs, _, _, _, info = env.step(agent.act(obs, explore=False))
         for i in np.flatnonzero(info["_episode"]):
             if len(done_eps[i]) < quota:
-                done_eps[i].append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i])))
+                record = None
+                if transcript is not None and "completions" in info:  # text games: info holds what was scored
+                    p = info["problems"][i]
+                    record = {"prompt": p.prompt, "answer": p.answer, "completion": info["completions"][i],
+                              "score": float(info["episode"]["r"][i])}
+                done_eps[i].append((float(info["episode"]["r"][i]), int(info["episode"]["l"][i]), record))
             if i == 0:
                 recording = False
     ordered = [done_eps[i][k] for k in range(quota) for i in range(n)][:episodes]
-    returns = np.array([r for r, _ in ordered])
+    returns = np.array([r for r, _, _ in ordered])
+    if transcript is not None:
+        transcript.extend(rec for _, _, rec in ordered if rec is not None)
     return {
         "return_mean": float(returns.mean()) if len(returns) else float("nan"),
         "return_std": float(returns.std()) if len(returns) else float("nan"),
-        "length_mean": float(np.mean([l for _, l in ordered])) if ordered else float("nan"),
+        "length_mean": float(np.mean([l for _, l, _ in ordered])) if ordered else float("nan"),
         "episodes": len(ordered),
         "returns": returns.tolist(),
     }

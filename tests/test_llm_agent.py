@@ -8,6 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from agents.cli import main, train
 from agents.trainer import TrainConfig
+from games.text import make_task, test_set
 from llm_bridge.agent import LMArgs, LMConfig
 
 
@@ -69,6 +70,13 @@ def test_cli_text_game_run_folder_and_eval(tmp_path, capsys):
     capsys.readouterr()
     main(["eval", str(run), "--episodes", "10"])
     assert "over 10 episodes" in capsys.readouterr().out
+    # --completions: one line per held-out problem, in order, and their scores are the eval's returns.
+    main(["eval", str(run), "--episodes", "7", "--completions"])
+    records = [json.loads(line) for line in (run / "eval_completions.jsonl").read_text().splitlines()]
+    held_out = test_set(make_task("addition"))[:7]
+    assert [r["prompt"] for r in records] == [p.prompt for p in held_out]
+    assert [r["answer"] for r in records] == [p.answer for p in held_out]
+    assert [r["score"] for r in records] == json.loads((run / "eval.json").read_text())["returns"]
 
 
 def test_resume_takes_the_learning_rate_given_now(tmp_path):

@@ -105,7 +105,7 @@ def test_default_learning_rate_depends_on_what_trains():
 @pytest.mark.parametrize(
     "flags, message",
     [(["--group-size", "3"], "group_size"), (["--group-size", "1"], "group_size"), (["--llm-lr", "0"], "llm_lr"),
-     (["--beam", "5"], "beam must be in"), (["--beam", "2", "--kl-coef", "0.1"], "advantage=group with kl_coef=0"),
+     (["--beam", "9"], "beam must be in"), (["--beam", "2", "--kl-coef", "0.1"], "advantage=group with kl_coef=0"),
      (["--beam", "2", "--beam-min-prob", "0"], "beam_min_prob")],
 )
 def test_lm_bad_hyperparameters(tmp_path, capsys, flags, message):

@@ -24,7 +24,7 @@ import tyro
 from agents.builders import ALGOS, AlgoSpec, build_agent, default_args, make_env_fn
 from agents.checkpoint import CheckpointError, load_checkpoint
 from agents.common import resolve_device, seed_everything
-from agents.trainer import Trainer, evaluate, write_json
+from agents.trainer import Trainer, evaluate, write_json, write_text
 
 USAGE = """usage: ponglab {games,train,eval} ...
 
@@ -196,9 +196,7 @@ def cmd_eval(argv: list[str]) -> None:
         if not transcript:
             _fail(f"--completions is for text games; {spec.name} has no completions to write.")
         path = run_dir / "eval_completions.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(rec) + "\n" for rec in transcript))
-        os.replace(tmp, path)  # atomic, like every file of a run
+        write_text(path, "".join(json.dumps(rec) + "\n" for rec in transcript))
         print(f"completions: {path} ({sum(rec['score'] < 1 for rec in transcript)} of {len(transcript)} scored below 1)")
 
 

@@ -326,8 +326,13 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
+def write_text(path: Path, text: str) -> None:
+    """Write a run file atomically (a reader never sees half a file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")

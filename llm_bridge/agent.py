@@ -20,6 +20,7 @@ The trainer does the rest exactly as for Atari: the loop, TensorBoard, checkpoin
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,6 +33,10 @@ from agents.common import Transition, masked_mean
 from agents.ppo import compute_gae, policy_loss, value_loss
 from agents.trainer import TrainConfig
 from llm_bridge.policy import LMPolicy, Rollout, kl_k3
+
+# target_mixed: log T moves by this times (target - measured share of mixed groups) after each update, i.e. by
+# ~0.04 per update when 20% of the groups are mixed against a target of 40% (1.0 -> 1.3 in ~7 updates).
+TEMPERATURE_GAIN = 0.25
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,15 @@ class LMConfig:
     max_new_tokens: int = 16
     """Longest completion, in tokens."""
     temperature: float = 1.0
-    """Sampling temperature while training (evaluation is greedy)."""
+    """Sampling temperature while training (evaluation is greedy); with `target_mixed`, the lowest and the first."""
+    target_mixed: float = 0.0
+    """Adaptive sampling temperature (0 = off: `temperature` throughout). A group baseline learns only from groups
+    whose samples disagree; once the policy is sure of most problems, few are. After each update the temperature
+    moves toward making this fraction of the groups mixed: up when fewer were (as far as `max_temperature`), down
+    when more were (never below `temperature`). Early on most groups are mixed and it stays at `temperature`,
+    where an untrained model needs it (at 1.3 SmolLM2's first samples are almost never right)."""
+    max_temperature: float = 1.5
+    """With `target_mixed`: the highest sampling temperature."""
     top_p: float = 1.0
     """Nucleus sampling mass while training (1.0 = off)."""
     advantage: Literal["group", "value"] = "group"
@@ -178,6 +191,16 @@ class LMConfig:
         for name in ("max_new_tokens", "llm_epochs", "llm_minibatches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.target_mixed and self.max_temperature < self.temperature:
+            raise ValueError(f"max_temperature ({self.max_temperature}) must be >= temperature ({self.temperature}): "
+                             "the adaptive temperature moves between the two.")
+        if not 0 <= self.target_mixed < 1:
+            raise ValueError(f"target_mixed must be in [0, 1) (0 = fixed temperature), got {self.target_mixed}.")
+        if self.target_mixed and (self.advantage != "group" or self.beam):
+            raise ValueError("target_mixed steers the share of mixed groups of sampled completions: use "
+                             "advantage=group without beam.")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}.")
         if self.lm_lr <= 0 or self.value_lr <= 0:
@@ -235,6 +258,9 @@ class LMAgent:
         # Dynamic sampling: the informative rows of each batch sampled since the last update, and batch stats.
         self.pending: list[dict[str, Any]] = []
         self.updates = 0
+        # The sampling temperature now: cfg.temperature, or with target_mixed where `_adapt_temperature` has moved
+        # it. It changes only after an update, so every batch of one update is sampled (and trained) at one value.
+        self.temperature = cfg.temperature
 
     @contextlib.contextmanager
     def _averaged_weights(self):
@@ -266,11 +292,11 @@ class LMAgent:
         K = self.cfg.beam if explore and n == self.cfg.group_size else 0  # rows per group from beam search
         rollout = None
         if n > K:
-            rollout = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+            rollout = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.temperature,
                                            top_p=self.cfg.top_p, greedy=not explore, num_samples=n - K,
                                            stop_text=self.answer_done, draft=self.cfg.draft)
         if K:
-            beam = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+            beam = self.policy.generate(ids, self.cfg.max_new_tokens, temperature=self.temperature,
                                         num_samples=K, stop_text=self.answer_done, beam=True,
                                         beam_min_prob=self.cfg.beam_min_prob)
             if rollout is not None:  # each group: its K beam rows, then its n - K samples
@@ -380,7 +406,7 @@ class LMAgent:
     @torch.no_grad()
     def _value_advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Critic baseline: per-token advantages and returns `[B, T]` from GAE (gamma = 1) over the tokens."""
-        values = self.policy.evaluate(ro, self.cfg.temperature).values  # [B, T], 0 past the end
+        values = self.policy.evaluate(ro, self.temperature).values  # [B, T], 0 past the end
         mask = ro.completion_mask.float()  # [B, T]
         last = (mask.sum(1).long() - 1).clamp(min=0)  # [B] index of each completion's last token
         token_rewards = torch.zeros_like(mask)
@@ -453,7 +479,7 @@ class LMAgent:
                 if len(idx) == 0:
                     continue
                 mb = ro[idx]
-                stats = self.policy.evaluate(mb, cfg.temperature, with_entropy=True)  # one forward, with grad
+                stats = self.policy.evaluate(mb, self.temperature, with_entropy=True)  # one forward, with grad
                 m = mb.completion_mask * weight[idx, None]  # [b, T]: a merged row's tokens count once per copy
                 pg_loss, pg_stats = policy_loss(stats.logprobs, mb.logprobs, advantages[idx], cfg.llm_clip, m)
                 if cfg.loss_norm == "sampled":  # the minibatch's token sum over its share of all sampled tokens
@@ -465,7 +491,7 @@ class LMAgent:
                     loss = loss + cfg.value_coef * v_loss
                     sums.setdefault("losses/value_loss", []).append(float(v_loss.detach()))
                 if cfg.kl_coef > 0:
-                    kl = kl_k3(stats.logprobs, self.policy.ref_token_logprobs(mb, cfg.temperature), m)
+                    kl = kl_k3(stats.logprobs, self.policy.ref_token_logprobs(mb, self.temperature), m)
                     loss = loss + cfg.kl_coef * kl
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -483,7 +509,7 @@ class LMAgent:
 
         detail = self.updates % cfg.detail_every == 0
         if detail:  # KL of the *sampling* policy to the initial one, on the sampled tokens
-            ref_logprobs = self.policy.ref_token_logprobs(last_batch, cfg.temperature)
+            ref_logprobs = self.policy.ref_token_logprobs(last_batch, self.temperature)
             metrics["charts/kl_to_initial"] = float(kl_k3(last_batch.logprobs, ref_logprobs,
                                                           last_batch.completion_mask))
         metrics["charts/reward_mean"] = float(rewards.mean())
@@ -497,15 +523,28 @@ class LMAgent:
                     zip(self.prompts[:: cfg.group_size][:4], last_batch.texts[:: cfg.group_size][:4],
                         self.rewards[:: cfg.group_size][:4].tolist())]
             metrics["text/samples"] = "| prompt | completion | reward |\n|-|-|-|\n" + "\n".join(rows)
+        if cfg.target_mixed:
+            metrics["charts/temperature"] = self.temperature  # the one these batches were sampled at
+            self._adapt_temperature(1.0 - metrics["charts/frac_zero_std_groups"])
         self.updates += 1
         self.rollout = self.rewards = None
         return metrics
+
+    def _adapt_temperature(self, mixed: float) -> None:
+        """One step of a multiplicative controller: log T += TEMPERATURE_GAIN * (target - mixed), clamped to
+        [temperature, max_temperature]. `mixed` is the share of the groups sampled for this update whose scores
+        differed. A proportional step on log T, not a jump to a fitted value: one update sees only 8-32 groups,
+        so a single reading is noisy (+-0.1), and the policy sharpens slowly enough for a slow controller."""
+        cfg = self.cfg
+        t = self.temperature * math.exp(TEMPERATURE_GAIN * (cfg.target_mixed - mixed))
+        self.temperature = min(max(t, cfg.temperature), cfg.max_temperature)
 
     def state_dict(self) -> dict[str, Any]:
         # Frozen weights (the reference, the LoRA base) are left out: the run's --model loads them again on resume,
         # and a fingerprint checks they are the same (LMPolicy.checkpoint_state).
         policy = self.policy.checkpoint_state()
-        state = {"policy": policy["weights"], "policy_frozen": policy["frozen"], "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+        state = {"policy": policy["weights"], "policy_frozen": policy["frozen"], "optimizer": self.optimizer.state_dict(), "updates": self.updates,
+                 "temperature": self.temperature}
         if self.ema is not None:
             state["ema"] = [e.clone() for e in self.ema]
         return state
@@ -524,6 +563,9 @@ class LMAgent:
         for group, lr in zip(self.optimizer.param_groups, (self.cfg.lm_lr, self.cfg.value_lr)):
             group["lr"] = lr
         self.updates = int(state.get("updates", 0))
+        if self.cfg.target_mixed:  # where the controller had got to, within this run's bounds
+            t = float(state.get("temperature", self.cfg.temperature))
+            self.temperature = min(max(t, self.cfg.temperature), self.cfg.max_temperature)
         if self.ema is not None:
             saved = state.get("ema")
             if saved is None:  # a checkpoint from a run without the average: start it at the saved weights

@@ -350,6 +350,52 @@ def test_dynamic_sampling_waits_for_informative_completions():
     assert not LMConfig(min_informative=8, kl_coef=0.1).dynamic_sampling
 
 
+def test_adaptive_temperature_steers_toward_mixed_groups(tmp_path):
+    """`target_mixed`: after an update whose groups all agreed the temperature goes up (as far as
+    max_temperature), after one whose groups were all mixed it comes down (never below `temperature`), and the
+    next batch is sampled and trained at the new value: the first epoch stays exactly on-policy (ratio 1)."""
+    import torch
+
+    from agents.common import Transition
+    from llm_bridge.agent import TEMPERATURE_GAIN, LMAgent
+
+    torch.manual_seed(0)
+    cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, llm_lr=1e-2, dtype="float32",
+                   target_mixed=0.5, max_temperature=1.2)
+    agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
+    prompts = ["What is 1 + 2?"] * 4 + ["hi"] * 4
+    used: list[float] = []
+    generate = agent.policy.generate
+    agent.policy.generate = lambda *a, **k: used.append(k["temperature"]) or generate(*a, **k)
+
+    def step(reward: list[int]) -> dict:
+        agent.act(prompts)
+        r = np.array(reward, dtype=np.float32)
+        agent.observe(Transition(prompts, agent.rollout.texts, r, np.ones(8, bool), np.zeros(8, bool),
+                                 prompts, prompts, {"episode": {"r": r}}))
+        return agent.update(8, 8)
+
+    m = step([1, 1, 1, 1, 0, 0, 0, 0])  # no group mixed: 0.5 below the target
+    assert m["charts/temperature"] == 1.0 and agent.temperature == pytest.approx(np.exp(TEMPERATURE_GAIN * 0.5))
+    m = step([1, 1, 1, 1, 1, 1, 1, 1])
+    assert m["charts/temperature"] == used[-1] == pytest.approx(np.exp(TEMPERATURE_GAIN * 0.5))
+    assert agent.temperature == 1.2  # capped
+    m = step([1, 0, 0, 0, 1, 1, 0, 1])  # sampled at 1.2, trained at 1.2: still on-policy
+    assert used[-1] == m["charts/temperature"] == 1.2 and abs(m["losses/approx_kl"]) < 1e-6
+    assert agent.temperature == pytest.approx(1.2 * np.exp(-TEMPERATURE_GAIN * 0.5))
+    for _ in range(3):
+        step([1, 0, 1, 0, 0, 1, 0, 1])
+    assert agent.temperature == 1.0  # floored at cfg.temperature
+    agent.temperature = 1.1
+    resumed = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
+    resumed.load_state_dict(agent.state_dict())
+    assert resumed.temperature == 1.1
+    with pytest.raises(ValueError, match="max_temperature"):
+        LMConfig(target_mixed=0.4, temperature=1.6).validate(8)
+    with pytest.raises(ValueError, match="target_mixed"):
+        LMConfig(target_mixed=0.4, advantage="value").validate(8)
+
+
 def test_greedy_evaluation_uses_the_weights_moving_average(tmp_path):
     """With `ema_decay`, act(explore=False) runs on avg = d * avg + (1 - d) * weights (updated after every step),
     training samples on the live weights, and a checkpoint restores both."""

@@ -35,7 +35,8 @@ class PPOConfig:
     lr: float = 2.5e-4
     """Adam learning rate."""
     anneal_lr: bool = True
-    """Decay the learning rate linearly to 0 over the run."""
+    """Decay the learning rate linearly to 0 over the run (over `steps`, or the `--train-minutes` if they end
+    first)."""
     gamma: float = 0.99
     """Discount factor."""
     gae_lambda: float = 0.95

@@ -186,6 +186,17 @@ class Trainer:
             env.close()
 
     # -- the loop ------------------------------------------------------------------------------------
+    def _horizon(self, start_step: int, trained: float, budget: float) -> int:
+        """The step at which this run will end: `steps`, or with `train_minutes` the step it reaches when the
+        time runs out at its pace so far, if that comes first. Agents read their schedules (PPO's and the LM's
+        `--anneal-lr`) as global_step / horizon, so a run stopped by time ends them with the run instead of
+        part-way (1 - global_step / steps, when far fewer steps fit). From a fresh start this fraction is
+        exactly trained / budget: the schedule runs on training seconds."""
+        steps = self.cfg.steps
+        if budget == math.inf or trained <= 0:
+            return steps
+        return max(1, min(steps, round(start_step + (self.global_step - start_step) * budget / trained)))
+
     def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +242,8 @@ class Trainer:
                     logger.writer.add_scalar("charts/episodic_length", l, self.global_step)
 
                 if self.agent.ready():
-                    for k, v in self.agent.update(self.global_step, cfg.steps).items():
+                    horizon = self._horizon(start_step, time.time() - start_time - self.eval_seconds, budget)
+                    for k, v in self.agent.update(self.global_step, horizon).items():
                         logger.record(k, v)
                     self.updates += 1
                     sps = (self.global_step - start_step) / max(time.time() - start_time, 1e-9)

@@ -90,7 +90,8 @@ class LMConfig:
     lora_alpha: float = 32.0
     """LoRA scale numerator: the adapter's output is multiplied by lora_alpha / lora_rank."""
     anneal_lr: bool = False
-    """Decay both learning rates linearly to 0 over the run (as PPO on Atari does)."""
+    """Decay both learning rates linearly to 0 over the run (as PPO on Atari does): over `steps`, or with
+    `--train-minutes` over the training time, whichever ends first (the trainer's horizon)."""
     llm_epochs: int = 1
     """Passes over each batch of completions (1 = purely on-policy; the ratio is then 1 at the first step)."""
     llm_minibatches: int = 1

@@ -108,7 +108,11 @@ class SlowLearner(AlwaysFire):
     def ready(self):
         return True
 
+    def __init__(self):
+        self.progress = []  # global_step / total_steps at each update: what an lr schedule reads
+
     def update(self, global_step, total_steps):
+        self.progress.append(global_step / total_steps)
         time.sleep(0.05)
         return {}
 
@@ -117,9 +121,13 @@ def test_train_minutes_stops_after_the_budget_and_still_evaluates(tmp_path):
     env = make("cartpole", num_envs=2, seed=1)
     cfg = TrainConfig(steps=1_000_000, num_envs=2, eval_episodes=2, eval_envs=2, progress=False,
                       train_minutes=0.5 / 60)  # 0.5 s of training: ~10 updates of 50 ms
-    summary = Trainer(SlowLearner(), env, cfg, tmp_path / "budget", algo="scripted", game="cartpole",
+    agent = SlowLearner()
+    summary = Trainer(agent, env, cfg, tmp_path / "budget", algo="scripted", game="cartpole",
                       make_eval_env=lambda n: make("cartpole", num_envs=n, seed=99)).run()
     assert summary["stopped_by"] == "train_minutes" and not summary["interrupted"]
+    # The horizon the agent sees is where the time runs out, not the 1,000,000 steps: its schedules end with the
+    # run. The fraction is the share of the budget spent before each update (0.05 s of 0.5 s per update).
+    assert agent.progress == sorted(agent.progress) and agent.progress[0] < 0.05 and agent.progress[-1] > 0.7
     assert 0.5 <= summary["train_seconds"] < 5.0 and 2 * 5 <= summary["steps"] < 2 * 100
     assert summary["final_eval_episodes"] == 2  # the final evaluation still runs
     with pytest.raises(ValueError, match="train_minutes"):

@@ -596,7 +596,7 @@ class LMArgs:
                                      eval_at_start=True, checkpoint_every=1_000_000, train_minutes=15.0)
     # The recipe of the default command: rank-16 LoRA adapters, dynamic sampling (an update waits for 16
     # completions with signal, from up to 4 batches) and greedy evaluation of a 0.95 moving average of the weights.
-    # On the 2-core AVX2 CPU it ended its 15 minutes at 93.0% with groups of 8 (one run) and 90.6-91.8% with
+    # On the 2-core AVX2 CPU it ended its 15 minutes at 91.6-93.0% with groups of 8 (three seeds) and 90.6-91.8% with
     # groups of 4 (two runs), where plain full fine-tuning (LMConfig's own defaults) ended at 77.0% and adapters
     # alone at 81.4% (benchmarks/RESULTS.md).
     lm: LMConfig = field(default_factory=lambda: LMConfig(group_size=8, lora_rank=16, min_informative=16,

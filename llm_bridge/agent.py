@@ -536,9 +536,11 @@ class LMAgent:
         [temperature, max_temperature]. `mixed` is the share of the groups sampled for this update whose scores
         differed. A proportional step on log T, not a jump to a fitted value: one update sees only 8-32 groups,
         so a single reading is noisy (+-0.1), and the policy sharpens slowly enough for a slow controller."""
-        cfg = self.cfg
-        t = self.temperature * math.exp(TEMPERATURE_GAIN * (cfg.target_mixed - mixed))
-        self.temperature = min(max(t, cfg.temperature), cfg.max_temperature)
+        self.temperature = self._clamp_temperature(
+            self.temperature * math.exp(TEMPERATURE_GAIN * (self.cfg.target_mixed - mixed)))
+
+    def _clamp_temperature(self, t: float) -> float:
+        return min(max(t, self.cfg.temperature), self.cfg.max_temperature)
 
     def state_dict(self) -> dict[str, Any]:
         # Frozen weights (the reference, the LoRA base) are left out: the run's --model loads them again on resume,
@@ -565,8 +567,7 @@ class LMAgent:
             group["lr"] = lr
         self.updates = int(state.get("updates", 0))
         if self.cfg.target_mixed:  # where the controller had got to, within this run's bounds
-            t = float(state.get("temperature", self.cfg.temperature))
-            self.temperature = min(max(t, self.cfg.temperature), self.cfg.max_temperature)
+            self.temperature = self._clamp_temperature(float(state.get("temperature", self.cfg.temperature)))
         if self.ema is not None:
             saved = state.get("ema")
             if saved is None:  # a checkpoint from a run without the average: start it at the saved weights

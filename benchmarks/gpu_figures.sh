@@ -34,9 +34,9 @@ llm)
   step trl_default 150 $PY benchmarks/bench_trl.py --device cuda --steps 5
   # 64 prompts x 8 ran out of the H100's 80 GB in TRL's loss (both sides share the process): 16 x 8.
   step trl_large 200 $PY benchmarks/bench_trl.py --device cuda --prompts 16 --group-size 8 --max-new-tokens 64 --steps 3
-  # 300 updates of the default recipe on CUDA (mixed precision; add --dtype float32 for the float32 run of
-  # RESULTS.md), evaluated on the 500 held-out problems every 30.
-  step addition_cuda 300 $PY -m agents.cli train ppo addition --device cuda --steps 9600 --eval-every 960 \
+  # 300 batches of the default recipe (16 prompts x 8) on CUDA (mixed precision; add --dtype float32 for the
+  # float32 run of RESULTS.md), evaluated on the 500 held-out problems every 30 batches.
+  step addition_cuda 300 $PY -m agents.cli train ppo addition --device cuda --steps 38400 --eval-every 3840 \
     --eval-at-start --no-progress --run-dir runs/gpu_addition
   ;;
 pong)

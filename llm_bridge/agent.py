@@ -588,18 +588,20 @@ def load_policy(policy: LMPolicy, agent_state: dict[str, Any]) -> None:
 class LMArgs:
     """PPO on a text game with a language-model policy."""
 
-    # Batches of 8 prompts x 8 completions for 15 minutes of training, at most 800 batches (the recipe below
-    # samples ~280 in 15 minutes on the 2-core AVX2 CPU, measured; a faster machine stops at 800), with a held-out
+    # Batches of 16 prompts x 8 completions for 15 minutes of training, at most 800 batches (the recipe below
+    # samples ~200 in 15 minutes on the 2-core AVX2 CPU, measured; a faster machine stops at 800), with a held-out
     # evaluation every 40 batches. `steps` counts sampled completions, so with dynamic sampling an update may use
     # several batches. Groups of 8 cost about what groups of 4 do to sample (one forward pass per distinct prefix,
-    # and a trained policy's samples of one prompt mostly coincide) and find signal in more problems.
-    train: TrainConfig = TrainConfig(steps=51_200, num_envs=64, eval_episodes=500, eval_envs=100, eval_every=2_560,
-                                     eval_at_start=True, checkpoint_every=1_000_000, train_minutes=15.0)
+    # and a trained policy's samples of one prompt mostly coincide) and find signal in more problems; 16 prompts a
+    # batch cost less per prompt than 8 (the decoding passes are shared by more rows) and need fewer updates.
+    train: TrainConfig = TrainConfig(steps=102_400, num_envs=128, eval_episodes=500, eval_envs=100,
+                                     eval_every=5_120, eval_at_start=True, checkpoint_every=1_000_000,
+                                     train_minutes=15.0)
     # The recipe of the default command: rank-16 LoRA adapters, dynamic sampling (an update waits for 16
     # completions with signal, from up to 4 batches) and greedy evaluation of a 0.95 moving average of the weights.
-    # On the 2-core AVX2 CPU it ended its 15 minutes at 91.6-93.0% with groups of 8 (three seeds) and 90.6-91.8% with
-    # groups of 4 (two runs), where plain full fine-tuning (LMConfig's own defaults) ended at 77.0% and adapters
-    # alone at 81.4% (benchmarks/RESULTS.md).
+    # On the 2-core AVX2 CPU it ended its 15 minutes at 90.8-94.8% with 16 prompts x 8 (three seeds, mean 93.3%), 91.6-93.0%
+    # with 8 x 8 (three seeds, mean 92.1%) and 90.6-91.8% with 8 x 4 (two), where plain full fine-tuning (LMConfig's own defaults)
+    # ended at 77.0% and adapters alone at 81.4% (benchmarks/RESULTS.md).
     lm: LMConfig = field(default_factory=lambda: LMConfig(group_size=8, lora_rank=16, min_informative=16,
                                                           ema_decay=0.95))
     resume: str | None = None

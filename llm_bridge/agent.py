@@ -599,9 +599,9 @@ class LMArgs:
                                      train_minutes=15.0)
     # The recipe of the default command: rank-16 LoRA adapters, dynamic sampling (an update waits for 16
     # completions with signal, from up to 4 batches) and greedy evaluation of a 0.95 moving average of the weights.
-    # On the 2-core AVX2 CPU it ended its 15 minutes at 90.8-94.8% with 16 prompts x 8 (four seeds, mean 93.0%), 91.6-93.0%
-    # with 8 x 8 (three seeds, mean 92.1%) and 90.6-91.8% with 8 x 4 (two), where plain full fine-tuning (LMConfig's own defaults)
-    # ended at 77.0% and adapters alone at 81.4% (benchmarks/RESULTS.md).
+    # On the 2-core AVX2 CPU it ended its 15 minutes at 90.8-94.8% with 16 prompts x 8 (four seeds, mean 93.0%),
+    # 91.6-93.0% with 8 x 8 (three seeds, mean 92.1%) and 90.6-91.8% with 8 x 4 (two), where plain full
+    # fine-tuning (LMConfig's own defaults) ended at 77.0% and adapters alone at 81.4% (benchmarks/RESULTS.md).
     lm: LMConfig = field(default_factory=lambda: LMConfig(group_size=8, lora_rank=16, min_informative=16,
                                                           ema_decay=0.95))
     resume: str | None = None

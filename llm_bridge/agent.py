@@ -92,6 +92,11 @@ class LMConfig:
     anneal_lr: bool = False
     """Decay both learning rates linearly to 0 over the run (as PPO on Atari does): over `steps`, or with
     `--train-minutes` over the training time, whichever ends first (the trainer's horizon)."""
+    lr_cooldown: float = 0.0
+    """Hold both learning rates, then decay them linearly to 0 over this last fraction of the run (the trainer's
+    horizon, as for `anneal_lr`): the "decay" of a warmup-stable-decay schedule. 0 = off, 1 = `anneal_lr`. A
+    constant rate learns fastest but ends on a noisy iterate (late updates of a nearly sure policy flip many
+    close calls); decaying only at the end keeps the fast middle."""
     llm_epochs: int = 1
     """Passes over each batch of completions (1 = purely on-policy; the ratio is then 1 at the first step)."""
     llm_minibatches: int = 1
@@ -204,6 +209,8 @@ class LMConfig:
                              "advantage=group without beam.")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}.")
+        if not 0 <= self.lr_cooldown <= 1:
+            raise ValueError(f"lr_cooldown is a fraction of the run, in [0, 1] (0 = off), got {self.lr_cooldown}.")
         if self.lm_lr <= 0 or self.value_lr <= 0:
             raise ValueError(f"llm_lr and value_lr must be positive, got {self.llm_lr} and {self.value_lr}.")
         if self.dtype not in ("auto", "mixed", "float32", "bfloat16", "float16"):
@@ -434,8 +441,9 @@ class LMAgent:
         last_batch = ro  # for the KL and text panels
         lengths = ro.completion_mask.sum(1).float()  # [B]
         correct = self.correct
-        if cfg.anneal_lr:  # linear decay, measured at the start of this batch (global_step counts it already)
-            frac = max(0.0, 1.0 - (global_step - self.num_envs) / total_steps)
+        if cfg.anneal_lr or cfg.lr_cooldown:  # measured at the start of this batch (global_step counts it already)
+            left = max(0.0, 1.0 - (global_step - self.num_envs) / total_steps)  # share of the run still to come
+            frac = left if cfg.anneal_lr else min(1.0, left / cfg.lr_cooldown)
             for group, lr in zip(self.optimizer.param_groups, (cfg.lm_lr, cfg.value_lr)):
                 group["lr"] = frac * lr
         metrics: dict[str, Any] = {}

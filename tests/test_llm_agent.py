@@ -91,6 +91,19 @@ def test_resume_takes_the_learning_rate_given_now(tmp_path):
     assert lrs == pytest.approx([1e-4, 1e-4, 3e-4, 3e-4])
 
 
+def test_lr_cooldown_holds_then_decays_to_zero(tmp_path):
+    """--lr-cooldown F: the learning rate stays at its value for the first 1 - F of the run, then falls linearly
+    to 0 at its end (read at the start of each batch, over `steps` here)."""
+    run = tmp_path / "cool"
+    main(["train", "ppo", "repeat", "--run-dir", str(run), "--model", "tiny-bytes", "--num-envs", "8",
+          "--group-size", "4", "--max-new-tokens", "4", "--eval-episodes", "0", "--no-progress", "--dtype", "float32",
+          "--min-informative", "0", "--steps", "80", "--llm-lr", "1e-4", "--lr-cooldown", "0.4"])
+    lrs = scalars(run, "charts/learning_rate")  # batch k (0..9) starts at step 8k of 80: 1 - k/10 of the run left
+    assert lrs == pytest.approx([1e-4] * 7 + [0.75e-4, 0.5e-4, 0.25e-4])
+    with pytest.raises(ValueError, match="lr_cooldown"):
+        LMConfig(lr_cooldown=1.5).validate(8)
+
+
 def test_default_learning_rate_depends_on_what_trains():
     assert LMConfig().lm_lr == 5e-6 and LMConfig(lora_rank=16).lm_lr == 3e-4
     assert LMConfig(lora_rank=16, llm_lr=1.5e-4).lm_lr == 1.5e-4 and LMConfig(llm_lr=1e-5).lm_lr == 1e-5

@@ -96,7 +96,8 @@ class LMConfig:
     """Hold both learning rates, then decay them linearly to 0 over this last fraction of the run (the trainer's
     horizon, as for `anneal_lr`): the "decay" of a warmup-stable-decay schedule. 0 = off, 1 = `anneal_lr`. A
     constant rate learns fastest but ends on a noisy iterate (late updates of a nearly sure policy flip many
-    close calls); decaying only at the end keeps the fast middle."""
+    close calls); decaying only at the end keeps the fast middle. On 2-digit addition it lost 1.4-1.8 points at
+    each of three seeds (F = 0.25, benchmarks/RESULTS.md), so it stays off in the default command."""
     llm_epochs: int = 1
     """Passes over each batch of completions (1 = purely on-policy; the ratio is then 1 at the first step)."""
     llm_minibatches: int = 1

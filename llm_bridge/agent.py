@@ -571,7 +571,7 @@ class LMAgent:
         load_policy(self.policy, state)
         self.optimizer.load_state_dict(state["optimizer"])
         # The saved optimizer state carries the learning rates it ran with; the config's count (a --llm-lr given
-        # with --resume must not be silently dropped). With anneal_lr the next update rescales them anyway.
+        # with --resume must not be silently dropped). With anneal_lr or lr_cooldown the next update rescales them.
         for group, lr in zip(self.optimizer.param_groups, (self.cfg.lm_lr, self.cfg.value_lr)):
             group["lr"] = lr
         self.updates = int(state.get("updates", 0))

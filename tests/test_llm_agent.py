@@ -506,3 +506,46 @@ def test_lora_adapters_learn_from_reward_alone_and_resume(tmp_path, monkeypatch,
     main(["train", "ppo", "repeat", "--resume", str(tmp_path / "lora"), "--steps", str(42 * 64)])
     resumed = scalars(tmp_path / "lora", "charts/reward_mean")[40:]
     assert len(resumed) == 2 and min(resumed) > 0.3, resumed  # the adapters came back (fresh ones score ~0)
+
+
+def test_step_rows_splits_an_update_into_steps_of_whole_groups(monkeypatch):
+    """`step_rows`: an update with more distinct completions than the cap takes one AdamW step per minibatch of
+    whole groups (every row once per epoch); one that fits takes a single step, as without the cap."""
+    import torch
+
+    from llm_bridge.agent import LMAgent
+
+    agent = LMAgent.__new__(LMAgent)
+    agent.cfg = LMConfig(step_rows=5, group_size=4)
+    group = torch.arange(24) // 4  # 6 groups of 4
+    rows = torch.tensor([0, 1, 2, 4, 5, 8, 9, 10, 11, 13, 14, 20, 21, 22])  # 14 rows of groups 0, 1, 2, 3, 5
+    torch.manual_seed(0)
+    parts = agent._minibatches(rows, group)
+    assert len(parts) == 3  # ceil(14 / 5)
+    assert sorted(torch.cat(parts).tolist()) == rows.tolist()
+    for part in parts:  # no group is cut in two
+        for g in group[part].unique():
+            assert set(part[group[part] == g].tolist()) == set(rows[group[rows] == g].tolist())
+    assert len(agent._minibatches(rows[:5], group)) == 1  # within the cap: one step
+
+    # Through an update: group 1 (rows 4-7) and group 0 are both mixed, 8 distinct rows, a cap of 4: two steps.
+    reward = [1, 0, 0, 1, 0, 1, 1, 0]
+    seen, delta, metrics, _ = sgd_step(monkeypatch, reward, step_rows=4, merge_duplicates=False)
+    assert seen == [4, 4] and metrics["charts/trained_rows"] == 8 and delta.norm() > 0
+    seen, _, _, _ = sgd_step(monkeypatch, reward, merge_duplicates=False)
+    assert seen == [8]
+
+
+def test_kl_to_initial_is_estimated_on_kl_groups(monkeypatch):
+    """The logged KL runs the frozen reference over the first `kl_groups` groups of the batch only (it is training
+    time); 0 means every group."""
+    from llm_bridge.policy import LMPolicy
+
+    sizes: list[int] = []
+    ref = LMPolicy.ref_token_logprobs
+    monkeypatch.setattr(LMPolicy, "ref_token_logprobs", lambda self, b, *a: sizes.append(len(b)) or ref(self, b, *a))
+    reward = [1, 0, 0, 1, 0, 1, 1, 0]
+    _, _, metrics, _ = sgd_step(monkeypatch, reward, kl_groups=1)
+    _, _, metrics_all, _ = sgd_step(monkeypatch, reward, kl_groups=0)
+    assert sizes == [4, 8]
+    assert metrics["charts/kl_to_initial"] >= 0 and metrics_all["charts/kl_to_initial"] >= 0

@@ -179,9 +179,9 @@ class LMConfig:
     kl_groups: int = 4
     """Groups of the last sampled batch whose tokens estimate the logged KL to the initial model (0 = every
     group). The estimate costs a forward pass of the frozen reference over them, and that is training time: over a
-    whole batch of 16 x 8 SmolLM2 completions it took 2.4 s (4 groups: ~0.5 s), ~9% of a late update's time at
-    detail_every 5. The first groups of a batch are problems drawn at random, so fewer of them give the same
-    estimate, only noisier."""
+    whole batch of 16 x 8 SmolLM2 completions 2.9 s against 1.0 s for 4 groups, i.e. 0.38 s per update at
+    detail_every 5 (benchmarks/bench_llm_kl.py). The first groups of a batch are problems drawn at random, so
+    fewer of them give the same estimate, only noisier."""
     step_rows: int = 0
     """Most distinct completions per AdamW step (0 = one step on all of an update's rows; llm_minibatches sets a
     fixed split instead). An update with more rows splits them into about rows / step_rows minibatches of whole
@@ -534,7 +534,8 @@ class LMAgent:
 
         detail = self.updates % cfg.detail_every == 0
         if detail:  # KL of the *sampling* policy to the initial one, on the sampled tokens of kl_groups groups
-            kl_batch = last_batch[torch.arange(min(len(last_batch), cfg.kl_groups * cfg.group_size or len(last_batch)))]
+            n = min(len(last_batch), cfg.kl_groups * cfg.group_size or len(last_batch))
+            kl_batch = last_batch[torch.arange(n)]
             ref_logprobs = self.policy.ref_token_logprobs(kl_batch, self.temperature)
             metrics["charts/kl_to_initial"] = float(kl_k3(kl_batch.logprobs, ref_logprobs, kl_batch.completion_mask))
         metrics["charts/reward_mean"] = float(rewards.mean())
@@ -558,8 +559,8 @@ class LMAgent:
     def _minibatches(self, rows: torch.Tensor, group: torch.Tensor) -> list[torch.Tensor]:
         """The training rows of one epoch, shuffled and split into the minibatches of one AdamW step each.
 
-        `llm_minibatches` parts of equal size; or, with `step_rows`, whole groups (in random order) packed into
-        minibatches of at most `step_rows` rows (a larger group alone), as many as the rows need."""
+        `llm_minibatches` parts of equal size; or, with `step_rows` and more rows than that, ceil(rows / step_rows)
+        minibatches of whole groups: each group, in random order, joins the one with the fewest rows so far."""
         perm = rows[torch.randperm(len(rows), device=rows.device)]
         if not self.cfg.step_rows or len(rows) <= self.cfg.step_rows:
             return [idx for idx in torch.tensor_split(perm, self.cfg.llm_minibatches) if len(idx)]

@@ -119,7 +119,8 @@ def test_default_learning_rate_depends_on_what_trains():
     "flags, message",
     [(["--group-size", "3"], "group_size"), (["--group-size", "1"], "group_size"), (["--llm-lr", "0"], "llm_lr"),
      (["--beam", "9"], "beam must be in"), (["--beam", "2", "--kl-coef", "0.1"], "advantage=group with kl_coef=0"),
-     (["--beam", "2", "--beam-min-prob", "0"], "beam_min_prob")],
+     (["--beam", "2", "--beam-min-prob", "0"], "beam_min_prob"), (["--kl-groups", "-1"], "kl_groups"),
+     (["--step-rows", "-2"], "step_rows")],
 )
 def test_lm_bad_hyperparameters(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:

@@ -204,6 +204,7 @@ class LMPolicy(nn.Module):
         # LoRA (llm_bridge.lora): freeze the LM, train low-rank adapters on its linear layers; B = 0, so the policy
         # starts as the model (and the reference above, copied first, is that model without adapters).
         self.lora_rank = lora_rank
+        self._head_t: tuple[tuple, Tensor] | None = None  # (weight's identity, W^T) for `_row_major_head`
         if lora_rank:
             add_lora(self.model, lora_rank, lora_alpha)
 
@@ -244,6 +245,37 @@ class LMPolicy(nn.Module):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @contextlib.contextmanager
+    def _row_major_head(self):
+        """While sampling, the LM head multiplies by a contiguous [hidden, vocab] copy of its weight (W^T).
+
+        A decoding pass asks for the logits of a few rows (M = 4-32 nodes x slots), and for so few rows the CPU's
+        GEMM runs x @ W^T twice as fast when W^T is stored row-major as [hidden, vocab] than when it is read from
+        the [vocab, hidden] weight (16 rows of SmolLM2: 10 ms instead of 22; `benchmarks/bench_llm_layout.py`).
+        Same numbers. The copy (113 MB for SmolLM2) is made on every call while the head trains (full fine-tuning:
+        a fused AdamW step changes the weight in place without bumping its version, so there is no cheap test
+        of "unchanged"), and once while it is frozen (LoRA)."""
+        head = self.model.get_output_embeddings()
+        if type(head) is not nn.Linear or head.bias is not None:  # another kind of head: leave it as it is
+            yield
+            return
+        w = head.weight
+        key = (w.data_ptr(), w.dtype, w.device)
+        if w.requires_grad or self._head_t is None or self._head_t[0] != key:
+            self._head_t = None  # free the old copy before making the new one
+            with torch.no_grad():
+                w_t = w.detach().t().contiguous()  # [hidden, vocab]
+            self._head_t = None if w.requires_grad else (key, w_t)
+        else:
+            w_t = self._head_t[1]
+        row_major = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        row_major.weight = nn.Parameter(w_t.t(), requires_grad=False)  # [vocab, hidden] view of W^T
+        self.model.set_output_embeddings(row_major)
+        try:
+            yield
+        finally:
+            self.model.set_output_embeddings(head)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LM weights (or, with LoRA, the adapters) + value head; never the frozen reference."""
@@ -362,7 +394,7 @@ class LMPolicy(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with self._precision(), merged_adapters(self.model):  # LoRA: one weight per layer while sampling
+            with self._precision(), merged_adapters(self.model), self._row_major_head():  # see both
                 if beam:
                     return self._beam_loop(prompt_ids, max_new_tokens, temperature, stops, num_samples, stop_text,
                                            beam_min_prob)

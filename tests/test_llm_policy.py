@@ -741,6 +741,38 @@ def test_lora_starts_as_the_model_trains_only_its_adapters_and_samples_with_them
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
+def test_row_major_sampling_weights_change_nothing(lora_rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling multiplies by row-major copies of W^T (the LM head's, and with LoRA each merged layer's), which only
+    changes the CPU's speed: the same tokens and log-probs as the plain layout, the model's own head back in place
+    after each call, and no stale copy after fused AdamW steps (which move the head in place when it trains)."""
+    import contextlib
+
+    tokenizer = byte_tokenizer()
+    policy = LMPolicy(tiny_lm(tokenizer, seed=0), tokenizer, lora_rank=lora_rank)
+    head = policy.model.get_output_embeddings()
+    ids = policy.encode_prompts(PROMPTS)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2, weight_decay=0.0, fused=True)
+    copies = set()
+    for _ in range(3):
+        r = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=torch.Generator().manual_seed(0))
+        assert policy.model.get_output_embeddings() is head
+        copies.add(None if policy._head_t is None else policy._head_t[1].data_ptr())
+        with monkeypatch.context() as m:  # the plain layout: the head as it is, merged weights as [out, in]
+            m.setattr(LMPolicy, "_row_major_head", lambda self: contextlib.nullcontext())
+            m.setattr(policy_module, "merged_adapters", lambda model: contextlib.nullcontext())
+            plain = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(r.completion_ids, plain.completion_ids)
+        assert (r.logprobs - plain.logprobs).abs().max() < 1e-5
+        stats = policy.evaluate(r)
+        assert (stats.logprobs - r.logprobs).abs().max() < 1e-5  # sampled with the weights as they are now
+        optimizer.zero_grad(set_to_none=True)
+        (-(stats.logprobs * r.completion_mask).sum()).backward()
+        optimizer.step()
+    # The frozen head of a LoRA policy is copied once; a trained head is copied afresh on every call, not kept.
+    assert copies == ({None} if lora_rank == 0 else {next(iter(copies))}) and len(copies) == 1
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
 def test_checkpoints_leave_out_frozen_weights_and_refuse_other_ones(lora_rank: int) -> None:
     """`checkpoint_state` saves what trains (the LM, or with LoRA its adapters) and only a fingerprint of the frozen
     weights (the reference copy; the LoRA base). Loaded into a policy rebuilt from the same model, it restores the

@@ -1,0 +1,116 @@
+"""Which weight layout the CPU multiplies faster while sampling: [out, in] (nn.Linear's) or W^T stored [in, out].
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_llm_layout.py --from-run runs/i1 --rounds 4
+
+`linear(x, W)` computes x [M, in] @ W^T. With W stored as nn.Linear stores it, [out, in], the GEMM reads the
+second operand transposed; with a contiguous [in, out] copy of W^T (passed as its [out, in] view) it reads it
+as is. Same numbers, but for the few rows of a decoding pass the CPU's GEMM is much faster on the second.
+Part 1 times both on SmolLM2-135M's shapes (the 7 linear layers of its 30 blocks, and the [49152, 576] LM head)
+for M rows. Part 2 times whole `generate` calls of 16 prompts x 8 completions (the answer stop, drafts of 4, the
+run's LoRA adapters), with the row-major copies (`LMPolicy._row_major_head`, `lora.merged_adapters`) and without
+(the head as it is, merged weights as [out, in]), alternating within each round; the first round is a warm-up.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import contextlib
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import llm_bridge.lora as lora_module
+import llm_bridge.policy as policy_module
+from agents.checkpoint import load_checkpoint
+from games import make
+from llm_bridge import LMPolicy
+from llm_bridge.agent import load_policy
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def part1(policy: LMPolicy, reps: int) -> None:
+    blocks = [m.base.weight for m in lora_module.lora_layers(policy.model)] or \
+        [m.weight for m in policy.model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    blocks_t = [w.t().contiguous() for w in blocks]
+    head = policy.model.get_output_embeddings().weight
+    head_t = head.t().contiguous()
+    print(f"{'rows M':>7}{'blocks [out,in]':>17}{'blocks W^T':>12}{'ratio':>7}{'head [out,in]':>15}{'head W^T':>10}{'ratio':>7}")
+    with torch.no_grad():
+        for M in (1, 4, 8, 16, 32, 64, 128, 320):
+            xs = {w.shape[1]: torch.randn(M, w.shape[1]) for w in blocks}
+            a = timed(lambda: [F.linear(xs[w.shape[1]], w) for w in blocks], reps)
+            b = timed(lambda: [F.linear(xs[w.shape[0]], w.t()) for w in blocks_t], reps)
+            x = torch.randn(M, head.shape[1])
+            c = timed(lambda: F.linear(x, head), reps * 3)
+            d = timed(lambda: F.linear(x, head_t.t()), reps * 3)
+            print(f"{M:>7}{a * 1e3:>14.1f} ms{b * 1e3:>9.1f} ms{a / b:>6.2f}x{c * 1e3:>12.1f} ms{d * 1e3:>7.1f} ms{c / d:>6.2f}x")
+
+
+def part2(policy: LMPolicy, rounds: int) -> None:
+    game = make("addition", num_envs=128, group_size=8)
+    rng = random.Random(0)
+    @contextlib.contextmanager
+    def merged_out_in(model):  # the merge as it was built before: W + scale B A, [out, in]
+        layers = lora_module.lora_layers(model)
+        with torch.no_grad():
+            for layer in layers:
+                w = layer.base.weight
+                layer.merged = torch.addmm(w.float(), layer.lora_b, layer.lora_a, alpha=layer.scale).to(w.dtype)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.merged = None
+
+    row_major_head, merged = LMPolicy._row_major_head, policy_module.merged_adapters
+    times: dict[str, list[float]] = {"row-major W^T": [], "[out, in]": []}
+    for r in range(rounds + 1):
+        prompts = [f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}? Answer with just the number."
+                   for _ in range(16)]
+        for name in (list(times) if r % 2 else list(times)[::-1]):
+            if name == "[out, in]":
+                LMPolicy._row_major_head = lambda self: contextlib.nullcontext()
+                policy_module.merged_adapters = merged_out_in
+            t = time.perf_counter()
+            policy.generate(policy.encode_prompts(prompts), 16, num_samples=8, stop_text=game.answer_done,
+                            draft=4, generator=torch.Generator().manual_seed(r))
+            if r:
+                times[name].append(time.perf_counter() - t)
+            LMPolicy._row_major_head, policy_module.merged_adapters = row_major_head, merged
+    a, b = (statistics.median(times[k]) for k in ("[out, in]", "row-major W^T"))
+    print(f"generate 16 x 8, median of {rounds}: [out, in] {a:.2f} s, row-major W^T {b:.2f} s: {a / b:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--from-run", required=True, help="run folder of `ponglab train ppo addition` (LoRA, the default)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per timing in part 1")
+    args = ap.parse_args()
+    state = load_checkpoint(Path(args.from_run) / "checkpoints" / "latest.pt")["agent"]
+    rank = next(int(v.shape[0]) for k, v in state["policy"].items() if k.endswith(".lora_a"))
+    policy = LMPolicy.from_name("smollm2", device="cpu", dtype="float32", reference=True, lora_rank=rank)
+    load_policy(policy, state)
+    print(f"SmolLM2-135M, float32, {torch.get_num_threads()} torch threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    part1(policy, args.reps)
+    part2(policy, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -296,6 +296,10 @@ class LMPolicy(nn.Module):
         weights = {k: v.detach() for k, v in state.items() if k not in set(frozen)}
         return {"weights": weights, "frozen": {"keys": frozen, "stats": _fingerprint([state[k] for k in frozen])}}
 
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        self._head_t = None  # a load may rewrite even a frozen head in place: drop `_row_major_head`'s copy
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Load what `checkpoint_state` wrote (or, from older checkpoints, a full state_dict)."""
         if "weights" not in state:  # a full state_dict (checkpoints before frozen weights were left out)

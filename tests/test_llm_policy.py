@@ -770,6 +770,11 @@ def test_row_major_sampling_weights_change_nothing(lora_rank: int, monkeypatch: 
         optimizer.step()
     # The frozen head of a LoRA policy is copied once; a trained head is copied afresh on every call, not kept.
     assert copies == ({None} if lora_rank == 0 else {next(iter(copies))}) and len(copies) == 1
+    # Loading weights (an old checkpoint holds the frozen head too) drops the copy: it may no longer match.
+    head.weight.data.mul_(-1.0)  # stands in for a load that writes the head in place
+    policy.load_state_dict(policy.state_dict())
+    r = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert (policy.evaluate(r).logprobs - r.logprobs).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])

@@ -634,7 +634,7 @@ class LMArgs:
     """PPO on a text game with a language-model policy."""
 
     # Batches of 16 prompts x 8 completions for 15 minutes of training, at most 800 batches (the recipe below
-    # samples 174-225 in 15 minutes on the 2-core CPUs measured, the 2-core Intel AVX512 one 206-225 once
+    # samples 174-225 in 15 minutes on the 2-core CPUs measured, the 2-core Intel AVX512 one 179-225 once
     # OMP_WAIT_POLICY is left unset; a faster machine stops at 800), with a held-out
     # evaluation every 40 batches. `steps` counts sampled completions, so with dynamic sampling an update may use
     # several batches. Groups of 8 cost about what groups of 4 do to sample (one forward pass per distinct prefix,

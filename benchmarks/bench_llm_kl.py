@@ -21,14 +21,11 @@ import argparse
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from agents.checkpoint import load_checkpoint
 from games import make
-from llm_bridge import LMPolicy
-from llm_bridge.agent import load_policy
+from llm_step import policy_from_run  # benchmarks/llm_step.py (the script's folder is on sys.path)
 from llm_bridge.policy import kl_k3
 
 
@@ -42,10 +39,8 @@ def main() -> None:
     ap.add_argument("--detail-every", type=int, default=5, help="updates between two KL estimates (the default)")
     args = ap.parse_args()
 
-    state = load_checkpoint(Path(args.from_run) / "checkpoints" / "latest.pt")["agent"]
-    rank = next(int(v.shape[0]) for k, v in state["policy"].items() if k.endswith(".lora_a"))
-    policy = LMPolicy.from_name("smollm2", device="cpu", dtype="float32", reference=True, lora_rank=rank)
-    load_policy(policy, state)
+    policy = policy_from_run(args.from_run)
+    rank = policy.lora_rank
     game = make("addition", num_envs=args.prompts * args.group_size, group_size=args.group_size)
     rng = random.Random(0)
     times: dict[str, list[float]] = {"all": [], "groups": []}

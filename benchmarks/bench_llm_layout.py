@@ -22,17 +22,15 @@ import contextlib
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import llm_bridge.lora as lora_module
 import llm_bridge.policy as policy_module
-from agents.checkpoint import load_checkpoint
 from games import make
 from llm_bridge import LMPolicy
-from llm_bridge.agent import load_policy
+from llm_step import policy_from_run  # benchmarks/llm_step.py (the script's folder is on sys.path)
 
 
 def timed(fn, reps: int) -> float:
@@ -44,8 +42,7 @@ def timed(fn, reps: int) -> float:
 
 
 def part1(policy: LMPolicy, reps: int) -> None:
-    blocks = [m.base.weight for m in lora_module.lora_layers(policy.model)] or \
-        [m.weight for m in policy.model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    blocks = [m.base.weight for m in lora_module.lora_layers(policy.model)]
     blocks_t = [w.t().contiguous() for w in blocks]
     head = policy.model.get_output_embeddings().weight
     head_t = head.t().contiguous()
@@ -102,10 +99,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5, help="repetitions per timing in part 1")
     args = ap.parse_args()
-    state = load_checkpoint(Path(args.from_run) / "checkpoints" / "latest.pt")["agent"]
-    rank = next(int(v.shape[0]) for k, v in state["policy"].items() if k.endswith(".lora_a"))
-    policy = LMPolicy.from_name("smollm2", device="cpu", dtype="float32", reference=True, lora_rank=rank)
-    load_policy(policy, state)
+    policy = policy_from_run(args.from_run)
     print(f"SmolLM2-135M, float32, {torch.get_num_threads()} torch threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     part1(policy, args.reps)

@@ -45,16 +45,10 @@ POLICIES = ("PASSIVE", "unset", "ACTIVE")
 def child(policy_name: str, run: str, rounds: int, seed: int) -> None:
     import torch
 
-    from agents.checkpoint import load_checkpoint
     from games import make
-    from llm_bridge import LMPolicy
-    from llm_bridge.agent import load_policy
-    from llm_step import train_step  # benchmarks/llm_step.py (the script's folder is on sys.path)
+    from llm_step import policy_from_run, train_step  # benchmarks/llm_step.py (the script's folder is on sys.path)
 
-    state = load_checkpoint(Path(run) / "checkpoints" / "latest.pt")["agent"]
-    rank = next(int(v.shape[0]) for k, v in state["policy"].items() if k.endswith(".lora_a"))
-    policy = LMPolicy.from_name("smollm2", device="cpu", dtype="float32", reference=True, lora_rank=rank)
-    load_policy(policy, state)
+    policy = policy_from_run(run)
     params = policy.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=0.0, fused=True)  # lr 0: the same work, the weights stay as loaded
     game = make("addition", num_envs=128, group_size=8)

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.common import masked_mean  # the same helper the PPO loss uses
-from llm_bridge.lora import add_lora, merged_adapters
+from llm_bridge.lora import add_lora, lora_layers, merged_adapters
 from llm_bridge.models import load_lm, resolve_device
 
 # Two exact savings, on by default; the switches exist so that benchmarks/bench_llm_update.py can measure each.
@@ -298,6 +298,8 @@ class LMPolicy(nn.Module):
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         self._head_t = None  # a load may rewrite even a frozen head in place: drop `_row_major_head`'s copy
+        for layer in lora_layers(self.model):  # and the frozen weights of the LoRA base: drop their W^T copies
+            layer._base_t = None
         return super().load_state_dict(state_dict, *args, **kwargs)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from llm_bridge import LMPolicy, Rollout, byte_tokenizer, kl_k3, kl_k3_per_token, load_lm, smollm2_gguf_path, tiny_lm
 from llm_bridge import models as models_module
 from llm_bridge import policy as policy_module
+from llm_bridge.lora import lora_layers
 from llm_bridge.policy import _completion_hidden, policy_precision
 
 PROMPTS = ["hi", "What is 37 + 48? Answer with just the number.", "Name a color", "2+2="]
@@ -744,7 +745,8 @@ def test_lora_starts_as_the_model_trains_only_its_adapters_and_samples_with_them
 def test_row_major_sampling_weights_change_nothing(lora_rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampling multiplies by row-major copies of W^T (the LM head's, and with LoRA each merged layer's), which only
     changes the CPU's speed: the same tokens and log-probs as the plain layout, the model's own head back in place
-    after each call, and no stale copy after fused AdamW steps (which move the head in place when it trains)."""
+    after each call, and no stale copy after fused AdamW steps (which move the head in place when it trains) or a
+    load (which may write the frozen head and LoRA base in place)."""
     import contextlib
 
     tokenizer = byte_tokenizer()
@@ -752,11 +754,13 @@ def test_row_major_sampling_weights_change_nothing(lora_rank: int, monkeypatch: 
     head = policy.model.get_output_embeddings()
     ids = policy.encode_prompts(PROMPTS)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2, weight_decay=0.0, fused=True)
-    copies = set()
+    copies, base_copies = set(), set()
+    layer = next(iter(lora_layers(policy.model)), None)
     for _ in range(3):
         r = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=torch.Generator().manual_seed(0))
         assert policy.model.get_output_embeddings() is head
         copies.add(None if policy._head_t is None else policy._head_t[1].data_ptr())
+        base_copies.add(None if layer is None else layer.base_t().data_ptr())
         with monkeypatch.context() as m:  # the plain layout: the head as it is, merged weights as [out, in]
             m.setattr(LMPolicy, "_row_major_head", lambda self: contextlib.nullcontext())
             m.setattr(policy_module, "merged_adapters", lambda model: contextlib.nullcontext())
@@ -770,11 +774,20 @@ def test_row_major_sampling_weights_change_nothing(lora_rank: int, monkeypatch: 
         optimizer.step()
     # The frozen head of a LoRA policy is copied once; a trained head is copied afresh on every call, not kept.
     assert copies == ({None} if lora_rank == 0 else {next(iter(copies))}) and len(copies) == 1
-    # Loading weights (an old checkpoint holds the frozen head too) drops the copy: it may no longer match.
-    head.weight.data.mul_(-1.0)  # stands in for a load that writes the head in place
+    assert len(base_copies) == 1  # so is each frozen layer's W^T, from which the merge is built
+    # Loading weights (an old checkpoint holds the frozen head and base too) drops the copies: they may no longer
+    # match. `.data` writes bump no version, like a load that writes in place without one.
+    head.weight.data.mul_(-1.0)
+    for lay in lora_layers(policy.model):
+        lay.base.weight.data.mul_(-1.0)
     policy.load_state_dict(policy.state_dict())
     r = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=torch.Generator().manual_seed(0))
     assert (policy.evaluate(r).logprobs - r.logprobs).abs().max() < 1e-5
+    if layer is not None:  # a frozen weight written in place by an op that bumps its version: copied again too
+        with torch.no_grad():
+            layer.base.weight.mul_(0.5)
+        r = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=torch.Generator().manual_seed(0))
+        assert (policy.evaluate(r).logprobs - r.logprobs).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])

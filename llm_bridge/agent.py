@@ -144,6 +144,16 @@ class LMConfig:
     uses the average; sampling for training uses the live weights. Once the policy is nearly deterministic, each
     update flips the greedy answer of many close calls, and held-out accuracy swings by several points from one
     update to the next; the average smooths that out."""
+    all_wrong_weight: float = 0.0
+    """Negative reinforcement for the groups the group baseline cannot see: a group whose samples all scored alike,
+    and below the batch's mean reward (all wrong, while other problems were solved), is trained with advantage
+    all_wrong_weight x (reward - batch mean) per sample, i.e. REINFORCE with the batch as its baseline, instead of
+    0. 0 = off (GRPO: such a group is its own baseline and gives no signal). Late in a run the problems the policy
+    still gets wrong are mostly ones it is *confidently* wrong on: every sample repeats one wrong answer, so the
+    group is all-same and never trained. Pushing that answer down moves its probability to the others, in
+    proportion to what the policy already gives them ("negative sample reinforcement", Zhu et al., 2025). The
+    push grows with the batch's accuracy: -0.14 per sample at 14% right, -0.9 at 90%. Groups that all scored
+    above the mean are still left out: the policy is sure of them."""
     merge_duplicates: bool = True
     """With `skip_zero_advantage`: train identical completions of a group as one row that counts once per copy
     (exact: same tokens, same loss terms). The training pass then costs distinct completions, not samples."""
@@ -239,6 +249,11 @@ class LMConfig:
             raise ValueError("beam weighs each candidate by its probability, which only the group advantage does: "
                              "use advantage=group with kl_coef=0 and ent_bonus=0 (the KL and entropy terms need "
                              "samples from the policy).")
+        if self.all_wrong_weight < 0:
+            raise ValueError(f"all_wrong_weight must be >= 0 (0 = off), got {self.all_wrong_weight}.")
+        if self.all_wrong_weight and (self.advantage != "group" or self.beam):
+            raise ValueError("all_wrong_weight trains all-same groups of sampled completions against the batch's "
+                             "mean reward: use advantage=group without beam.")
         if not 0 < self.beam_min_prob <= 1:
             raise ValueError(f"beam_min_prob must be in (0, 1], got {self.beam_min_prob}.")
         if self.loss_norm not in ("trained", "sampled"):
@@ -364,7 +379,17 @@ class LMAgent:
         std = groups.std(dim=1, keepdim=True) if self.cfg.group_size > 1 else torch.zeros_like(groups[:, :1])
         if self.cfg.scale_by_std:
             adv = adv / (std + 1e-4)
-        return adv.reshape(-1), {"charts/frac_zero_std_groups": float((std.squeeze(1) == 0).float().mean())}
+        # Compared, not read off std: the mean of eight 0.1s need not be 0.1 to the last bit, and float noise
+        # over std + 1e-4 would be a nonzero advantage that sends a signal-free group into training.
+        same = groups.amax(1) == groups.amin(1)  # [B/G] every sample scored alike
+        adv = torch.where(same[:, None], 0.0, adv)
+        extra = {"charts/frac_zero_std_groups": float(same.float().mean())}
+        if self.cfg.all_wrong_weight:
+            # The baseline of a group that never reached the batch's mean reward: the batch's mean, not its own.
+            failed = same & (groups[:, 0] < rewards.mean())  # [B/G]
+            adv = torch.where(failed[:, None], self.cfg.all_wrong_weight * (groups - rewards.mean()), adv)
+            extra["charts/frac_all_wrong_groups"] = float(failed.float().mean())
+        return adv.reshape(-1), extra
 
     def _beam_advantages(self, ro: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Advantages `[B]` for groups whose first K rows came from beam search (and the other G - K were sampled).
@@ -473,7 +498,8 @@ class LMAgent:
             advantages, group = (torch.cat([p[k] for p in pending]) for k in ("advantages", "group"))
             rewards, lengths = (torch.cat([p[k] for p in pending]) for k in ("rewards", "length"))
             correct = np.concatenate([p["correct"] for p in pending])
-            metrics["charts/frac_zero_std_groups"] = float(np.mean([p["charts/frac_zero_std_groups"] for p in pending]))
+            for k in (k for k in pending[0] if k.startswith("charts/")):  # per-batch stats, over the batches
+                metrics[k] = float(np.mean([p[k] for p in pending]))
             metrics["charts/sample_batches"] = len(pending)
         elif cfg.advantage == "group":
             advantages, extra = self._advantages(ro, rewards)  # [B]

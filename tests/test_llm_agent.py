@@ -120,7 +120,8 @@ def test_default_learning_rate_depends_on_what_trains():
     [(["--group-size", "3"], "group_size"), (["--group-size", "1"], "group_size"), (["--llm-lr", "0"], "llm_lr"),
      (["--beam", "9"], "beam must be in"), (["--beam", "2", "--kl-coef", "0.1"], "advantage=group with kl_coef=0"),
      (["--beam", "2", "--beam-min-prob", "0"], "beam_min_prob"), (["--kl-groups", "-1"], "kl_groups"),
-     (["--step-rows", "-2"], "step_rows")],
+     (["--step-rows", "-2"], "step_rows"), (["--all-wrong-weight", "-1"], "all_wrong_weight"),
+     (["--all-wrong-weight", "1", "--advantage", "value"], "all_wrong_weight")],
 )
 def test_lm_bad_hyperparameters(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -212,6 +213,55 @@ def test_identical_completions_train_as_one_weighted_row(monkeypatch):
     assert delta_all.norm() > 0
     torch.testing.assert_close(delta_merged, delta_all, rtol=1e-4, atol=1e-7)
     assert m_merged["losses/entropy"] == pytest.approx(m_all["losses/entropy"], rel=1e-4)
+
+
+def test_all_wrong_groups_are_trained_against_the_batch_mean():
+    """--all-wrong-weight w: a group whose samples all scored alike and below the batch's mean reward gets advantage
+    w x (r - batch mean) per sample; all-right groups still get 0, mixed groups their group advantage; and a group
+    of identical non-integer rewards is exactly 0 (no float noise over std + 1e-4)."""
+    import torch
+
+    from llm_bridge.agent import LMAgent
+
+    rewards = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0.1, 0.1, 0.1, 0.1])  # right, wrong, mixed, 0.1s
+    mean = float(rewards.mean())
+    off = LMAgent(LMConfig(model="tiny-bytes", group_size=4), 16, torch.device("cpu"))
+    on = LMAgent(LMConfig(model="tiny-bytes", group_size=4, all_wrong_weight=2.0), 16, torch.device("cpu"))
+    (a_off, m_off), (a_on, m_on) = off._advantages(None, rewards), on._advantages(None, rewards)
+    assert (a_off.view(4, 4)[[0, 1, 3]] == 0).all()  # no signal without the flag, the 0.1s included
+    torch.testing.assert_close(a_on.view(4, 4)[2], a_off.view(4, 4)[2])  # the mixed group is unchanged
+    assert (a_on.view(4, 4)[0] == 0).all()  # the policy is sure of these
+    torch.testing.assert_close(a_on.view(4, 4)[1], torch.full((4,), 2.0 * (0 - mean)))
+    torch.testing.assert_close(a_on.view(4, 4)[3], torch.full((4,), 2.0 * (0.1 - mean)))
+    assert m_on["charts/frac_all_wrong_groups"] == 0.5 and m_on["charts/frac_zero_std_groups"] == 0.75
+
+
+def test_all_wrong_groups_push_their_answer_down(monkeypatch):
+    """An all-wrong group beside an all-right one: GRPO trains neither; with the flag the all-wrong group goes
+    through the training pass alone, and a small step along the update lowers its completions' probability."""
+    import torch
+
+    reward = [0, 0, 0, 0, 1, 1, 1, 1]
+    seen_off, _, m_off, _ = sgd_step(monkeypatch, reward)
+    seen_on, delta, m_on, ro = sgd_step(monkeypatch, reward, all_wrong_weight=1.0)
+    assert m_off["charts/trained_completions"] == 0 and seen_off == []
+    assert m_on["charts/trained_completions"] == 4 and m_on["charts/frac_all_wrong_groups"] == 0.5
+    assert delta.norm() > 0
+    # The same initial weights (same seed): group 0's log-probs before and after a small step along the update.
+    from llm_bridge.agent import LMAgent
+
+    torch.manual_seed(0)
+    agent = LMAgent(LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, dtype="float32", draft=0), 8,
+                    torch.device("cpu"), seed=0)
+    params = agent.policy.trainable_parameters()
+    with torch.no_grad():
+        before = agent.policy.evaluate(ro[[0, 1, 2, 3]], 1.0).logprobs.sum()
+        offset = 0
+        for p in params:
+            p.add_(delta[offset: offset + p.numel()].view_as(p) * 1e-2)  # a small step along the update's
+            offset += p.numel()
+        after = agent.policy.evaluate(ro[[0, 1, 2, 3]], 1.0).logprobs.sum()
+    assert after < before
 
 
 def test_beam_groups_step_along_the_exact_gradient_over_their_candidates(monkeypatch):

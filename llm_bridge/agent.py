@@ -388,8 +388,9 @@ class LMAgent:
         extra = {"charts/frac_zero_std_groups": float(same.float().mean())}
         if self.cfg.all_wrong_weight:
             # The baseline of a group that never reached the batch's mean reward: the batch's mean, not its own.
-            failed = same & (groups[:, 0] < rewards.mean())  # [B/G]
-            adv = torch.where(failed[:, None], self.cfg.all_wrong_weight * (groups - rewards.mean()), adv)
+            batch_mean = rewards.mean()
+            failed = same & (groups[:, 0] < batch_mean)  # [B/G]
+            adv = torch.where(failed[:, None], self.cfg.all_wrong_weight * (groups - batch_mean), adv)
             extra["charts/frac_all_wrong_groups"] = float(failed.float().mean())
         return adv.reshape(-1), extra
 

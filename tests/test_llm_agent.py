@@ -243,7 +243,7 @@ def test_all_wrong_groups_push_their_answer_down(monkeypatch):
 
     reward = [0, 0, 0, 0, 1, 1, 1, 1]
     seen_off, _, m_off, _ = sgd_step(monkeypatch, reward)
-    seen_on, delta, m_on, ro = sgd_step(monkeypatch, reward, all_wrong_weight=1.0)
+    _, delta, m_on, ro = sgd_step(monkeypatch, reward, all_wrong_weight=1.0)
     assert m_off["charts/trained_completions"] == 0 and seen_off == []
     assert m_on["charts/trained_completions"] == 4 and m_on["charts/frac_all_wrong_groups"] == 0.5
     assert delta.norm() > 0
@@ -253,13 +253,10 @@ def test_all_wrong_groups_push_their_answer_down(monkeypatch):
     torch.manual_seed(0)
     agent = LMAgent(LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, dtype="float32", draft=0), 8,
                     torch.device("cpu"), seed=0)
-    params = agent.policy.trainable_parameters()
+    params = list(agent.policy.trainable_parameters())
     with torch.no_grad():
         before = agent.policy.evaluate(ro[[0, 1, 2, 3]], 1.0).logprobs.sum()
-        offset = 0
-        for p in params:
-            p.add_(delta[offset: offset + p.numel()].view_as(p) * 1e-2)  # a small step along the update's
-            offset += p.numel()
+        torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(params) + 1e-2 * delta, params)
         after = agent.policy.evaluate(ro[[0, 1, 2, 3]], 1.0).logprobs.sum()
     assert after < before
 

@@ -32,6 +32,7 @@ from torch import nn
 from agents.common import Transition, masked_mean
 from agents.ppo import compute_gae, policy_loss, value_loss
 from agents.trainer import TrainConfig
+from llm_bridge.lora import lora_layers
 from llm_bridge.policy import LMPolicy, Rollout, kl_k3
 
 # target_mixed: log T moves by this times (target - measured share of mixed groups) after each update, i.e. by
@@ -89,6 +90,9 @@ class LMConfig:
     `llm_lr` than full fine-tuning (measured in docs/llm.md)."""
     lora_alpha: float = 32.0
     """LoRA scale numerator: the adapter's output is multiplied by lora_alpha / lora_rank."""
+    lora_b_lr_ratio: float = 1.0
+    """LoRA+ (Hayou et al., 2024): the adapters' B matrices (the [out, r] halves, zero at the start) learn at
+    `llm_lr` times this ratio, the A matrices at `llm_lr`. 1 = one rate for both (plain LoRA)."""
     anneal_lr: bool = False
     """Decay both learning rates linearly to 0 over the run (as PPO on Atari does): over `steps`, or with
     `--train-minutes` over the training time, whichever ends first (the trainer's horizon)."""
@@ -265,6 +269,11 @@ class LMConfig:
         if self.lora_rank < 0 or self.lora_alpha <= 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = train every weight) and lora_alpha > 0, got "
                              f"{self.lora_rank} and {self.lora_alpha}.")
+        if not self.lora_b_lr_ratio > 0:
+            raise ValueError(f"lora_b_lr_ratio must be > 0 (1 = plain LoRA), got {self.lora_b_lr_ratio}.")
+        if self.lora_b_lr_ratio != 1 and not self.lora_rank:
+            raise ValueError("lora_b_lr_ratio sets the learning rate of LoRA's B matrices: pass --lora-rank R too "
+                             "(or leave the ratio at 1).")
         if self.draft < 0:
             raise ValueError(f"draft must be >= 0 (0 = no guessed tokens), got {self.draft}.")
         if num_envs % self.llm_minibatches:
@@ -284,9 +293,16 @@ class LMAgent:
                                          lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
         self.policy.prompt_grad = cfg.prompt_grad
         lm_params = [p for p in self.policy.model.parameters() if p.requires_grad]  # not the reference (or, LoRA, the base)
-        groups = [{"params": lm_params, "lr": cfg.lm_lr}]  # group 0: the LM (charts/learning_rate)
+        # Each group keeps its configured rate as "base_lr": the schedules scale it, a resume restores it.
+        groups = [{"params": lm_params, "base_lr": cfg.lm_lr}]  # group 0: the LM (charts/learning_rate)
+        if cfg.lora_b_lr_ratio != 1:  # LoRA+: the B matrices in a group of their own
+            b_ids = {id(layer.lora_b) for layer in lora_layers(self.policy.model)}
+            groups = [{"params": [p for p in lm_params if id(p) not in b_ids], "base_lr": cfg.lm_lr},
+                      {"params": [p for p in lm_params if id(p) in b_ids], "base_lr": cfg.lm_lr * cfg.lora_b_lr_ratio}]
         if self.policy.value_head is not None:
-            groups.append({"params": list(self.policy.value_head.parameters()), "lr": cfg.value_lr})
+            groups.append({"params": list(self.policy.value_head.parameters()), "base_lr": cfg.value_lr})
+        for g in groups:
+            g["lr"] = g["base_lr"]
         # fused: one kernel over all 135M weights instead of a loop of per-tensor ops; on 2 CPU cores an SmolLM2
         # step takes ~0.1 s instead of ~0.5 s (same arithmetic).
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0, fused=self.policy.device.type in ("cpu", "cuda"))
@@ -490,8 +506,8 @@ class LMAgent:
         if cfg.anneal_lr or cfg.lr_cooldown:  # measured at the start of this batch (global_step counts it already)
             left = max(0.0, 1.0 - (global_step - self.num_envs) / total_steps)  # share of the run still to come
             frac = left if cfg.anneal_lr else min(1.0, left / cfg.lr_cooldown)
-            for group, lr in zip(self.optimizer.param_groups, (cfg.lm_lr, cfg.value_lr)):
-                group["lr"] = frac * lr
+            for group in self.optimizer.param_groups:
+                group["lr"] = frac * group["base_lr"]
         metrics: dict[str, Any] = {}
         old_values = returns = None
         group = torch.arange(len(ro), device=rewards.device) // cfg.group_size  # [B] each row's group
@@ -633,12 +649,18 @@ class LMAgent:
             raise ValueError(f"this checkpoint holds {held} but the run is configured with lora_rank="
                              f"{self.cfg.lora_rank}: pass --lora-rank {saved_rank} (or leave it out to use the run's "
                              "saved config).")
+        base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(base_lrs):  # LoRA+ puts B in a group of its own, a value head has one
+            raise ValueError(f"this checkpoint's optimizer has {saved_groups} parameter groups where the run has "
+                             f"{len(base_lrs)}: resume with the --lora-b-lr-ratio (1 = plain LoRA) and --advantage it "
+                             "was trained with (or leave them out to use the run's saved config).")
         load_policy(self.policy, state)
         self.optimizer.load_state_dict(state["optimizer"])
         # The saved optimizer state carries the learning rates it ran with; the config's count (a --llm-lr given
         # with --resume must not be silently dropped). With anneal_lr or lr_cooldown the next update rescales them.
-        for group, lr in zip(self.optimizer.param_groups, (self.cfg.lm_lr, self.cfg.value_lr)):
-            group["lr"] = lr
+        for group, lr in zip(self.optimizer.param_groups, base_lrs):
+            group["lr"] = group["base_lr"] = lr
         self.updates = int(state.get("updates", 0))
         if self.cfg.target_mixed:  # where the controller had got to, within this run's bounds
             self.temperature = self._clamp_temperature(float(state.get("temperature", self.cfg.temperature)))

@@ -121,7 +121,9 @@ def test_default_learning_rate_depends_on_what_trains():
      (["--beam", "9"], "beam must be in"), (["--beam", "2", "--kl-coef", "0.1"], "advantage=group with kl_coef=0"),
      (["--beam", "2", "--beam-min-prob", "0"], "beam_min_prob"), (["--kl-groups", "-1"], "kl_groups"),
      (["--step-rows", "-2"], "step_rows"), (["--all-wrong-weight", "-1"], "all_wrong_weight"),
-     (["--all-wrong-weight", "1", "--advantage", "value"], "all_wrong_weight")],
+     (["--all-wrong-weight", "1", "--advantage", "value"], "all_wrong_weight"),
+     (["--lora-b-lr-ratio", "0"], "lora_b_lr_ratio must be > 0"),
+     (["--lora-rank", "0", "--lora-b-lr-ratio", "4"], "pass --lora-rank R")],
 )
 def test_lm_bad_hyperparameters(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -554,6 +556,46 @@ def test_lora_adapters_learn_from_reward_alone_and_resume(tmp_path, monkeypatch,
     main(["train", "ppo", "repeat", "--resume", str(tmp_path / "lora"), "--steps", str(42 * 64)])
     resumed = scalars(tmp_path / "lora", "charts/reward_mean")[40:]
     assert len(resumed) == 2 and min(resumed) > 0.3, resumed  # the adapters came back (fresh ones score ~0)
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_rate(tmp_path, capsys):
+    """`--lora-b-lr-ratio 8`: the B matrices in a group of their own at 8x the rate of the A matrices. Adam's first
+    step moves every weight with a gradient by its group's rate (|m / sqrt(v)| = 1), and only B has one at the start
+    (B = 0, so A's gradient B^T dL/dy is 0). A resume must keep the groups: another ratio is refused, with the flag."""
+    import torch
+
+    from agents.common import Transition
+    from llm_bridge.agent import LMAgent
+    from llm_bridge.lora import lora_layers
+
+    torch.manual_seed(0)
+    cfg = LMConfig(model="tiny-bytes", group_size=4, max_new_tokens=4, lora_rank=4, llm_lr=1e-4, lora_b_lr_ratio=8,
+                   dtype="float32", grad_clip=1e9, draft=0)
+    agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0)
+    layers = lora_layers(agent.policy.model)
+    a_group, b_group = agent.optimizer.param_groups
+    assert (a_group["lr"], b_group["lr"]) == (1e-4, pytest.approx(8e-4))
+    assert {id(p) for p in b_group["params"]} == {id(layer.lora_b) for layer in layers}
+    assert {id(p) for p in a_group["params"]} == {id(layer.lora_a) for layer in layers}
+    before = [(layer.lora_a.detach().clone(), layer.lora_b.detach().clone()) for layer in layers]
+    agent.act(PROMPTS)
+    r = np.array([1, 0, 0, 1, 0, 1, 1, 0], dtype=np.float32)  # both groups mixed
+    agent.observe(Transition(PROMPTS, agent.rollout.texts, r, np.ones(8, bool), np.zeros(8, bool), PROMPTS, PROMPTS,
+                             {"episode": {"r": r}}))
+    agent.update(8, 8)
+    moved_a = max((layer.lora_a - a).abs().max().item() for layer, (a, _) in zip(layers, before))
+    moved_b = max((layer.lora_b - b).abs().max().item() for layer, (_, b) in zip(layers, before))
+    assert moved_a == 0 and moved_b == pytest.approx(8e-4, rel=1e-3), (moved_a, moved_b)
+
+    run = tmp_path / "plus"
+    base = ["--model", "tiny-bytes", "--num-envs", "8", "--group-size", "4", "--max-new-tokens", "4",
+            "--eval-episodes", "0", "--no-progress", "--dtype", "float32", "--min-informative", "0", "--lora-rank", "4"]
+    main(["train", "ppo", "repeat", "--run-dir", str(run), "--steps", "8", "--lora-b-lr-ratio", "8", *base])
+    with pytest.raises(SystemExit):
+        main(["train", "ppo", "repeat", "--resume", str(run), "--steps", "16", "--lora-b-lr-ratio", "1"])
+    assert "resume with the --lora-b-lr-ratio" in capsys.readouterr().err
+    main(["train", "ppo", "repeat", "--resume", str(run), "--steps", "16"])  # the saved ratio: resumes
+    assert len(scalars(run, "charts/learning_rate")) == 2
 
 
 def test_step_rows_splits_an_update_into_steps_of_whole_groups(monkeypatch):

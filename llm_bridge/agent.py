@@ -294,11 +294,11 @@ class LMAgent:
         self.policy.prompt_grad = cfg.prompt_grad
         lm_params = [p for p in self.policy.model.parameters() if p.requires_grad]  # not the reference (or, LoRA, the base)
         # Each group keeps its configured rate as "base_lr": the schedules scale it, a resume restores it.
-        groups = [{"params": lm_params, "base_lr": cfg.lm_lr}]  # group 0: the LM (charts/learning_rate)
-        if cfg.lora_b_lr_ratio != 1:  # LoRA+: the B matrices in a group of their own
-            b_ids = {id(layer.lora_b) for layer in lora_layers(self.policy.model)}
-            groups = [{"params": [p for p in lm_params if id(p) not in b_ids], "base_lr": cfg.lm_lr},
-                      {"params": [p for p in lm_params if id(p) in b_ids], "base_lr": cfg.lm_lr * cfg.lora_b_lr_ratio}]
+        # LoRA+ puts the B matrices in a group of their own (group 1); group 0 is the rest of the LM (charts/learning_rate).
+        b_ids = {id(layer.lora_b) for layer in lora_layers(self.policy.model)} if cfg.lora_b_lr_ratio != 1 else set()
+        groups = [{"params": [p for p in lm_params if id(p) not in b_ids], "base_lr": cfg.lm_lr}]
+        if b_ids:
+            groups.append({"params": [p for p in lm_params if id(p) in b_ids], "base_lr": cfg.lm_lr * cfg.lora_b_lr_ratio})
         if self.policy.value_head is not None:
             groups.append({"params": list(self.policy.value_head.parameters()), "base_lr": cfg.value_lr})
         for g in groups:

@@ -232,8 +232,9 @@ class Trainer:
                 self.agent.observe(Transition(obs, action, reward, terminated, truncated, next_obs,
                                               info.get("final_obs", next_obs), info))
                 obs = next_obs
-                self.global_step += self.env.num_envs
-                bar.update(self.env.num_envs)
+                # The slots just stepped (a text game may lay out its next batch with more: set_group_size).
+                self.global_step += len(reward)
+                bar.update(len(reward))
 
                 for i in np.flatnonzero(info["_episode"]):  # raw game scores of finished episodes
                     r, l = float(info["episode"]["r"][i]), int(info["episode"]["l"][i])

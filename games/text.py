@@ -444,6 +444,11 @@ class TextGame:
     policy is unsure of, and asking it again while it still is keeps the batch informative (in the
     spirit of DAPO's dynamic sampling and online difficulty filtering, without discarding samples).
     It uses the scores alone, never the held-out set.
+
+    ``set_group_size`` (training) changes the completions per prompt from the next batch drawn on; the
+    prompts per batch stay ``num_envs // group_size`` of the constructor, so ``num_envs`` (the slots of the
+    batch waiting for completions) grows with the groups. A learner grows its groups once most come back
+    all right (`llm_bridge.agent.LMConfig.grow_group_size`).
     """
 
     def __init__(
@@ -466,6 +471,7 @@ class TextGame:
         if split == "test" and group_size != 1:
             raise ValueError("split='test' evaluates each held-out problem once: use group_size=1")
         self.task, self.num_envs, self.group_size, self.split = task, num_envs, group_size, split
+        self.prompts_per_batch = num_envs // group_size
         self.format_reward = float(format_reward)
         if not 0.0 <= revisit <= 1.0 or revisit_max < 1:
             raise ValueError(f"revisit must be in [0, 1] and revisit_max >= 1, got {revisit} and {revisit_max}")
@@ -494,7 +500,8 @@ class TextGame:
             index = (self._cursor + np.arange(self.num_envs)) % n  # [N]
             self._cursor += self.num_envs
             return [self.test_problems[i] for i in index], index
-        n_groups = self.num_envs // self.group_size
+        self.num_envs = self.prompts_per_batch * self.group_size  # the slots of this batch (set_group_size)
+        n_groups = self.prompts_per_batch
         again = [self._mixed.pop() for _ in range(min(round(self.revisit * n_groups), len(self._mixed)))]
         self._asked = [n + 1 for _, n in again] + [0] * (n_groups - len(again))  # [groups] times re-asked
         groups = [p for p, _ in again] + [self._sample_train() for _ in range(n_groups - len(again))]
@@ -512,6 +519,16 @@ class TextGame:
         self.problems, self.problem_index = self._next_problems()
         return [p.prompt for p in self.problems], {"problems": self.problems, "problem_index": self.problem_index}
 
+    def set_group_size(self, group_size: int) -> None:
+        """Lay out the batches drawn from now on as groups of `group_size` (the batch already drawn keeps its own)."""
+        if self.split != "train":
+            raise ValueError("set_group_size: the held-out split asks each problem once (group_size 1)")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if self.revisit > 0 and group_size < 2:
+            raise ValueError("revisit needs groups of 2 or more")
+        self.group_size = int(group_size)
+
     def step(self, completions: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Score one completion per slot, then draw the next problems (every episode ends here)."""
         if len(completions) != self.num_envs:
@@ -519,7 +536,7 @@ class TextGame:
         bad = [type(c).__name__ for c in completions if not isinstance(c, str)]
         if bad:
             raise TypeError(f"completions must be decoded str, got {bad[0]}")
-        scored = self.problems
+        scored, G = self.problems, self.num_envs // self.prompts_per_batch if self.split == "train" else 1
         completions = [self.cut(c) for c in completions]  # what the reward reads (see answer_done)
         score = np.array([self.task.score(c, p) for c, p in zip(completions, scored)], dtype=np.float32)  # [N]
         fmt = np.array([self.task.format_ok(c, p) for c, p in zip(completions, scored)], dtype=bool)  # [N]
@@ -535,13 +552,13 @@ class TextGame:
             "completion_chars": np.array([len(c) for c in completions], dtype=np.int32),
         }
         if self.revisit > 0:
-            for g, group_score in enumerate(score.reshape(-1, self.group_size)):  # [groups, G]
+            for g, group_score in enumerate(score.reshape(-1, G)):  # [groups, G]
                 if 0 < group_score.mean() < 1 and self._asked[g] < self.revisit_max:
-                    self._mixed.append((scored[g * self.group_size], self._asked[g]))
+                    self._mixed.append((scored[g * G], self._asked[g]))
             info["revisited_groups"] = sum(n > 0 for n in self._asked)
         self.problems, self.problem_index = self._next_problems()
-        terminated = np.ones(self.num_envs, dtype=bool)
-        truncated = np.zeros(self.num_envs, dtype=bool)
+        terminated = np.ones(len(scored), dtype=bool)
+        truncated = np.zeros(len(scored), dtype=bool)
         return [p.prompt for p in self.problems], reward.astype(np.float32), terminated, truncated, info
 
     def cut(self, completion: str) -> str:

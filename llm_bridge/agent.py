@@ -53,6 +53,18 @@ class LMConfig:
     away, see llm_bridge.policy)."""
     group_size: int = 4
     """Completions per prompt (sampled, or the beam's); num_envs (completions per step) must be a multiple of it."""
+    grow_group_size: int = 0
+    """Once most groups come back all right (`grow_at`), sample this many completions per prompt instead of
+    `group_size`, for the rest of the run; the prompts per batch stay num_envs / group_size, so the batch grows
+    (0 = never). Why: a problem solved with probability q gives a group of G signal with probability
+    1 - q^G - (1 - q)^G, 34% for G = 8 and 56% for G = 16 at q = 0.95. Early in a run the samples of a prompt
+    differ, and each one costs a decoding row and a training row; once the policy is sure of most answers they
+    coincide, the sampler runs one pass per distinct prefix, and the extra samples cost almost nothing (16 x 16
+    sampled in the time of 16 x 8 on a trained SmolLM2, benchmarks/RESULTS.md). Needs advantage=group, no beam,
+    and an env that can change its groups (`games.text.TextGame.set_group_size`)."""
+    grow_at: float = 0.5
+    """With `grow_group_size`: the share of all-right groups (every sample correct), over the batches of one
+    update, from which the groups grow."""
     beam: int = 0
     """Completions of each group found by beam search instead of sampled: the prompt's `beam` most probable
     distinct ones, weighted by their probability (`LMAgent._beam_advantages`). 0 = all sampled (GRPO). With
@@ -238,6 +250,12 @@ class LMConfig:
                              "the adaptive temperature moves between the two.")
         if not 0 <= self.target_mixed < 1:
             raise ValueError(f"target_mixed must be in [0, 1) (0 = fixed temperature), got {self.target_mixed}.")
+        if self.grow_group_size and (self.grow_group_size <= self.group_size or self.advantage != "group"
+                                     or self.beam):
+            raise ValueError(f"grow_group_size ({self.grow_group_size}) must be 0 (off) or larger than group_size "
+                             f"({self.group_size}), with advantage=group and no beam.")
+        if not 0 < self.grow_at <= 1:
+            raise ValueError(f"grow_at is a share of the groups, in (0, 1], got {self.grow_at}.")
         if self.target_mixed and (self.advantage != "group" or self.beam):
             raise ValueError("target_mixed steers the share of mixed groups of sampled completions: use "
                              "advantage=group without beam.")
@@ -284,9 +302,16 @@ class LMAgent:
     """A language model trained by `agents.trainer.Trainer` on a text game. See `agents.common.Agent`."""
 
     def __init__(self, cfg: LMConfig, num_envs: int, device: torch.device, seed: int = 0,
-                 answer_done: Callable[[str], bool] | None = None):
+                 answer_done: Callable[[str], bool] | None = None, regroup: Callable[[int], None] | None = None):
         cfg.validate(num_envs)
+        if cfg.grow_group_size and regroup is None:
+            raise ValueError("grow_group_size needs an env that can change its groups (games.text.TextGame."
+                             "set_group_size); this one cannot: leave --grow-group-size at 0.")
         self.cfg, self.num_envs = cfg, num_envs
+        # Completions per prompt: sampled now (self.group_size, which grow_group_size raises), laid out by the env
+        # (self.env_group_size, told through `regroup` before the next batch is sampled), in the last rollout.
+        self.regroup = regroup
+        self.group_size = self.env_group_size = self.rollout_group = cfg.group_size
         self.answer_done = answer_done if cfg.stop_at_answer else None  # the game's "the answer has ended"
         self.policy = LMPolicy.from_name(cfg.model, device=str(device), dtype=cfg.dtype,
                                          value_head=cfg.advantage == "value", reference=True, seed=seed,
@@ -343,10 +368,19 @@ class LMAgent:
         return self._act(prompts, explore)
 
     def _act(self, prompts: list[str], explore: bool) -> list[str]:
+        if explore and self.env_group_size != self.group_size:  # the groups grew: batches drawn from now on
+            self.regroup(self.group_size)
+            self.env_group_size = self.group_size
         # While training, the env puts each prompt in group_size adjacent slots: encode and run each prompt once.
-        n = self.cfg.group_size if explore and len(prompts) % self.cfg.group_size == 0 else 1
-        if n > 1 and any(prompts[i] != prompts[i - i % n] for i in range(len(prompts))):
-            n = 1  # not grouped after all (a custom env): sample each slot on its own
+        # The batch in hand may still be laid out in the groups before they grew (it was drawn before), so the
+        # larger size is tried first.
+        n = 1
+        for G in dict.fromkeys((self.group_size, self.cfg.group_size)) if explore else ():
+            if len(prompts) % G == 0 and all(prompts[i] == prompts[i - i % G] for i in range(len(prompts))):
+                n = G  # else not grouped so (a custom env): sample each slot on its own
+                break
+        if explore:
+            self.rollout_group = n
         ids = self.policy.encode_prompts(prompts[::n], system=self.cfg.system_prompt)
         K = self.cfg.beam if explore and n == self.cfg.group_size else 0  # rows per group from beam search
         rollout = None
@@ -376,10 +410,16 @@ class LMAgent:
         if self.cfg.dynamic_sampling and self.rollout is not None:
             adv, extra = self._advantages(self.rollout, self.rewards)
             keep = adv.nonzero().squeeze(-1)  # only these can move the weights
-            group = torch.arange(len(adv), device=adv.device) // self.cfg.group_size + len(self.pending) * len(adv)
+            rows_before = sum(len(p["rewards"]) for p in self.pending)  # group ids stay distinct across batches
+            group = torch.arange(len(adv), device=adv.device) // self.rollout_group + rows_before
             self.pending.append({"rollout": self.rollout[keep], "advantages": adv[keep], "group": group[keep],
                                  "rewards": self.rewards, "correct": self.correct,
-                                 "length": self.rollout.completion_mask.sum(1).float(), **extra})
+                                 "length": self.rollout.completion_mask.sum(1).float(), **extra,
+                                 "charts/frac_solved_groups": self._solved_share(self.correct)})
+
+    def _solved_share(self, correct: np.ndarray) -> float:
+        """The share of the last rollout's groups in which every sample was right (what `grow_at` reads)."""
+        return float((np.asarray(correct) >= 1.0).reshape(-1, self.rollout_group).all(1).mean())
 
     def ready(self) -> bool:
         if self.cfg.dynamic_sampling:
@@ -392,9 +432,9 @@ class LMAgent:
         """Group baseline: advantages `[B]`, one per completion (broadcast over its tokens by the loss)."""
         if self.cfg.beam:
             return self._beam_advantages(ro, rewards)
-        groups = rewards.view(-1, self.cfg.group_size)  # [B/G, G]
+        groups = rewards.view(-1, self.rollout_group)  # [B/G, G]
         adv = groups - groups.mean(dim=1, keepdim=True)
-        std = groups.std(dim=1, keepdim=True) if self.cfg.group_size > 1 else torch.zeros_like(groups[:, :1])
+        std = groups.std(dim=1, keepdim=True) if self.rollout_group > 1 else torch.zeros_like(groups[:, :1])
         if self.cfg.scale_by_std:
             adv = adv / (std + 1e-4)
         # Compared, not read off std: the mean of eight 0.1s need not be 0.1 to the last bit, and float noise
@@ -510,7 +550,7 @@ class LMAgent:
                 group["lr"] = frac * group["base_lr"]
         metrics: dict[str, Any] = {}
         old_values = returns = None
-        group = torch.arange(len(ro), device=rewards.device) // cfg.group_size  # [B] each row's group
+        group = torch.arange(len(ro), device=rewards.device) // self.rollout_group  # [B] each row's group
         if cfg.dynamic_sampling:  # the informative rows of every batch sampled since the last update
             pending, self.pending = self.pending, []
             ro = Rollout.cat([p["rollout"] for p in pending], pad_id=self.policy.pad_id)
@@ -523,6 +563,7 @@ class LMAgent:
         elif cfg.advantage == "group":
             advantages, extra = self._advantages(ro, rewards)  # [B]
             metrics.update(extra)
+            metrics["charts/frac_solved_groups"] = self._solved_share(correct)
         else:
             mask = ro.completion_mask.float()  # [B, T]
             advantages, returns, old_values = self._value_advantages(ro, rewards)  # [B, T]
@@ -579,7 +620,7 @@ class LMAgent:
 
         detail = self.updates % cfg.detail_every == 0
         if detail:  # KL of the *sampling* policy to the initial one, on the sampled tokens of kl_groups groups
-            n = min(len(last_batch), cfg.kl_groups * cfg.group_size or len(last_batch))
+            n = min(len(last_batch), cfg.kl_groups * self.rollout_group or len(last_batch))
             kl_batch = last_batch[torch.arange(n)]
             ref_logprobs = self.policy.ref_token_logprobs(kl_batch, self.temperature)
             metrics["charts/kl_to_initial"] = float(kl_k3(kl_batch.logprobs, ref_logprobs, kl_batch.completion_mask))
@@ -591,9 +632,13 @@ class LMAgent:
             metrics["charts/revisited_groups"] = self.revisited
         if detail:
             rows = [f"| {p!r} | {c!r} | {r:.2f} |" for p, c, r in
-                    zip(self.prompts[:: cfg.group_size][:4], last_batch.texts[:: cfg.group_size][:4],
-                        self.rewards[:: cfg.group_size][:4].tolist())]
+                    zip(self.prompts[:: self.rollout_group][:4], last_batch.texts[:: self.rollout_group][:4],
+                        self.rewards[:: self.rollout_group][:4].tolist())]
             metrics["text/samples"] = "| prompt | completion | reward |\n|-|-|-|\n" + "\n".join(rows)
+        if cfg.grow_group_size:
+            metrics["charts/group_size"] = self.rollout_group  # of the last batch of this update
+            if metrics.get("charts/frac_solved_groups", 0.0) >= cfg.grow_at:
+                self.group_size = cfg.grow_group_size  # from the next batch the env draws (see _act)
         if cfg.target_mixed:
             metrics["charts/temperature"] = self.temperature  # the one these batches were sampled at
             self._adapt_temperature(1.0 - metrics["charts/frac_zero_std_groups"])
@@ -637,7 +682,7 @@ class LMAgent:
         # and a fingerprint checks they are the same (LMPolicy.checkpoint_state).
         policy = self.policy.checkpoint_state()
         state = {"policy": policy["weights"], "policy_frozen": policy["frozen"], "optimizer": self.optimizer.state_dict(), "updates": self.updates,
-                 "temperature": self.temperature}
+                 "temperature": self.temperature, "group_size": self.group_size}
         if self.ema is not None:
             state["ema"] = [e.clone() for e in self.ema]
         return state
@@ -662,6 +707,8 @@ class LMAgent:
         for group, lr in zip(self.optimizer.param_groups, base_lrs):
             group["lr"] = group["base_lr"] = lr
         self.updates = int(state.get("updates", 0))
+        if self.cfg.grow_group_size and state.get("group_size") == self.cfg.grow_group_size:
+            self.group_size = self.cfg.grow_group_size  # the groups had grown: the env hears of it at the next act
         if self.cfg.target_mixed:  # where the controller had got to, within this run's bounds
             self.temperature = self._clamp_temperature(float(state.get("temperature", self.cfg.temperature)))
         if self.ema is not None:
@@ -719,7 +766,7 @@ def register_algos(register) -> None:
 
     def build(spec, args: LMArgs, env, device):
         return LMAgent(args.lm, args.train.num_envs, device, seed=args.train.seed,
-                       answer_done=getattr(env, "answer_done", None))
+                       answer_done=getattr(env, "answer_done", None), regroup=getattr(env, "set_group_size", None))
 
     register("ppo", AlgoSpec(description="PPO on a text game with a language-model policy.", args={"text": LMArgs},
                              defaults=lambda spec: LMArgs(), build=build))

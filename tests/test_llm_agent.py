@@ -639,3 +639,56 @@ def test_kl_to_initial_is_estimated_on_kl_groups(monkeypatch):
     _, _, metrics_all, _ = sgd_step(monkeypatch, reward, kl_groups=0)
     assert sizes == [4, 8]
     assert metrics["charts/kl_to_initial"] >= 0 and metrics_all["charts/kl_to_initial"] >= 0
+
+
+def test_groups_grow_once_most_come_back_all_right():
+    """`grow_group_size`: after an update in which at least `grow_at` of the groups were all right, the env is told
+    to lay out its batches in groups of the larger size (same prompts per batch). The batch it had already drawn
+    is sampled and scored in its own groups; the ones after in the new ones; a checkpoint keeps the grown size."""
+    import torch
+
+    from agents.common import Transition
+    from games.text import make_text_game
+    from llm_bridge.agent import LMAgent
+
+    torch.manual_seed(0)
+    cfg = LMConfig(model="tiny-bytes", group_size=4, grow_group_size=8, grow_at=0.5, max_new_tokens=4,
+                   dtype="float32", min_informative=1)
+    env = make_text_game("addition", num_envs=8, group_size=4, seed=0)
+    told: list[int] = []
+    agent = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0,
+                    regroup=lambda g: told.append(g) or env.set_group_size(g))
+    obs, _ = env.reset(seed=0)
+
+    def sample(pattern: str) -> dict:
+        """One batch through the env; the rewards are planted (`pattern`: r = right, w = wrong, one per slot)."""
+        nonlocal obs
+        texts = agent.act(obs)
+        assert len(texts) == len(pattern)
+        obs, *_ = env.step(texts)
+        r = np.array([c == "r" for c in pattern], dtype=np.float32)
+        agent.observe(Transition(obs, texts, r, np.ones(len(r), bool), np.zeros(len(r), bool), obs, obs,
+                                 {"episode": {"r": r}}))
+        return agent.update(0, 1) if agent.ready() else {}
+
+    metrics = sample("rrrr" "rwww")  # one group of two all right: 0.5 >= grow_at
+    assert metrics["charts/frac_solved_groups"] == 0.5 and metrics["charts/group_size"] == 4
+    assert agent.group_size == 8 and told == []  # the env hears of it before the next batch is sampled
+    metrics = sample("rwww" "rrww")  # drawn before the env was told: still two groups of 4
+    assert told == [8] and metrics["charts/group_size"] == 4 and len(obs) == 16
+    metrics = sample("rwwwwwww" "rrrrrrrr")  # two groups of 8: one mixed, one all right
+    assert metrics["charts/group_size"] == 8 and metrics["charts/frac_zero_std_groups"] == 0.5
+    assert metrics["charts/trained_completions"] == 8 and told == [8]
+
+    resumed = LMAgent(cfg, num_envs=8, device=torch.device("cpu"), seed=0, regroup=told.append)
+    resumed.load_state_dict(agent.state_dict())
+    assert resumed.group_size == 8
+    resumed.act(["What is 1 + 2?"] * 8 + ["hi"] * 8)
+    assert told == [8, 8] and resumed.rollout_group == 8
+
+    with pytest.raises(ValueError, match="larger than group_size"):
+        LMConfig(group_size=8, grow_group_size=8).validate(8)
+    with pytest.raises(ValueError, match="grow_at"):
+        LMConfig(group_size=4, grow_group_size=8, grow_at=0).validate(8)
+    with pytest.raises(ValueError, match="set_group_size"):
+        LMAgent(cfg, num_envs=8, device=torch.device("cpu"))

@@ -324,6 +324,30 @@ def test_revisit_re_asks_recent_mixed_groups_a_bounded_number_of_times() -> None
         make_text_game("addition", num_envs=4, group_size=2, revisit=1.5)
 
 
+def test_set_group_size_lays_out_the_next_batch_in_larger_groups() -> None:
+    """The batch in hand keeps its groups (it was drawn before); from the next draw on, the same number of prompts
+    comes in groups of the new size, `num_envs` follows, and revisits read the groups of the batch they score."""
+    env = make_text_game("addition", num_envs=8, group_size=4, seed=0, revisit=0.5)
+    assert env.prompts_per_batch == 2
+    env.set_group_size(8)
+    assert env.num_envs == 8 and len(env.problems) == 8  # the batch in hand: still 2 groups of 4
+    second = env.problems[4]
+    completions = [str(p.answer) if i in (0, 5) else "-1" for i, p in enumerate(env.problems)]  # both groups mixed
+    obs, reward, terminated, truncated, info = env.step(completions)
+    assert len(reward) == len(terminated) == len(truncated) == 8 and reward.sum() == 2
+    assert len(obs) == env.num_envs == 16  # 2 prompts x 8
+    assert all(len(set(env.problems[g * 8 : g * 8 + 8])) == 1 for g in range(2))
+    assert env.problems[0] == second  # revisit=0.5: the first group re-asks the newest mixed problem
+    with pytest.raises(ValueError, match="expected 16 completions"):
+        env.step(["0"] * 8)
+    _, reward, *_ = env.step(["0"] * 16)
+    assert len(reward) == 16
+    with pytest.raises(ValueError, match="held-out split"):
+        make_text_game("addition", num_envs=4, split="test").set_group_size(8)
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        env.set_group_size(0)
+
+
 def test_test_split_walks_held_out_set_in_order() -> None:
     env = make_text_game("multiplication", num_envs=4, split="test")
     held_out = test_set(make_task("multiplication"))

@@ -9,10 +9,13 @@ row-major as `generate` multiplies them), so twice the prompts should cost much 
 Then, on the run's checkpoint (its LoRA adapters; the default command's config), the seconds of `LMAgent.act` for
 fresh batches of 16, 32 and 64 training prompts x 8, and how many groups came back mixed (the signal). The
 training pass is not timed here: the run itself measures it (`benchmarks/RESULTS.md`, thirtieth session).
+Last, the same for 16 prompts x 8, 12 and 16 completions and 8 x 16 (what `--grow-group-size` trades on): more
+samples of a prompt the policy is sure of cost almost nothing, and find signal in more of the groups.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 import time
@@ -54,15 +57,33 @@ def main(run: str) -> None:
     task, rng = Arithmetic(), random.Random(123)
     agent.act([task.sample(rng).prompt for _ in range(8)])  # warm-up (first-call allocations)
     for prompts_per_batch in (16, 32, 64) * 2:
-        problems = [task.sample(rng) for _ in range(prompts_per_batch)]
-        prompts = [p.prompt for p in problems for _ in range(8)]  # groups of 8 adjacent, as the env lays them out
-        t = time.perf_counter()
-        texts = agent.act(prompts)
-        seconds = time.perf_counter() - t
-        right = np.array([task.score(x, problems[i // 8]) for i, x in enumerate(texts)]).reshape(-1, 8)
+        seconds, right = sample(agent, task, rng, prompts_per_batch, 8)
         mixed = int((right.min(1) != right.max(1)).sum())
         print(f"{prompts_per_batch:2d} prompts x 8: sampled in {seconds:.2f} s ({seconds / prompts_per_batch * 1e3:.0f} ms "
               f"a prompt), {right.mean():.0%} right, {mixed} mixed groups")
+    # Larger groups: 8 rounds of each shape, interleaved (the machine's pace drifts), summed.
+    shapes = ((16, 8), (16, 12), (16, 16), (8, 16))
+    total = {shape: [0.0, 0, 0] for shape in shapes}  # seconds, mixed groups, groups
+    for _ in range(8):
+        for P, G in shapes:
+            agent.cfg = dataclasses.replace(agent.cfg, group_size=G)
+            seconds, right = sample(agent, task, rng, P, G)
+            total[P, G][0] += seconds
+            total[P, G][1] += int((right.min(1) != right.max(1)).sum())
+            total[P, G][2] += P
+    for (P, G), (seconds, mixed, groups) in total.items():
+        print(f"{P:2d} prompts x {G:2d}: {seconds / 8:.2f} s a batch, {mixed}/{groups} groups mixed ({mixed / groups:.0%}), "
+              f"{mixed / seconds:.2f} mixed groups and {mixed * G / seconds:.1f} completions with signal a second")
+
+
+def sample(agent: LMAgent, task: Arithmetic, rng: random.Random, prompts: int, group: int) -> tuple[float, np.ndarray]:
+    """Seconds of `LMAgent.act` on `prompts` fresh problems x `group` samples, and which samples were right [P, G]."""
+    problems = [task.sample(rng) for _ in range(prompts)]
+    t = time.perf_counter()
+    texts = agent.act([p.prompt for p in problems for _ in range(group)])  # groups adjacent, as the env lays them out
+    seconds = time.perf_counter() - t
+    right = np.array([task.score(x, problems[i // group]) for i, x in enumerate(texts)]).reshape(-1, group)
+    return seconds, right
 
 
 if __name__ == "__main__":

@@ -372,10 +372,10 @@ class LMAgent:
             self.regroup(self.group_size)
             self.env_group_size = self.group_size
         # While training, the env puts each prompt in group_size adjacent slots: encode and run each prompt once.
-        # The batch in hand may still be laid out in the groups before they grew (it was drawn before), so the
-        # larger size is tried first.
+        # The batch in hand may still be laid out in the groups before they grew (it was drawn before). The larger
+        # size is tried first: a run of 16 equal prompts is also two runs of 8.
         n = 1
-        for G in dict.fromkeys((self.group_size, self.cfg.group_size)) if explore else ():
+        for G in sorted({self.group_size, self.cfg.group_size}, reverse=True) if explore else ():
             if len(prompts) % G == 0 and all(prompts[i] == prompts[i - i % G] for i in range(len(prompts))):
                 n = G  # else not grouped so (a custom env): sample each slot on its own
                 break

@@ -1,0 +1,85 @@
+"""Mixed precision (bfloat16 autocast) against float32 for the default command's loop on this CPU, side by side.
+
+    HF_HUB_OFFLINE=1 python benchmarks/llm_dtype.py runs/s1 --batches 12
+
+`--dtype auto` picks mixed precision on a CPU with AVX512-BF16 or AMX (`llm_bridge.policy.cpu_has_bf16`) on the
+grounds that bfloat16 matrix products are native there. The sampler's and the training pass's speed-ups since
+(row-major weights, the LoRA merge from a kept W^T, shared nodes and stems) were tuned in float32, so whether
+mixed still pays is a measurement, not a given. Two agents with the default command's config, one per precision,
+both loaded from the run's latest checkpoint, each with its own `addition` env (same seed), take turns batch by
+batch (who goes first alternates, because this machine's pace drifts from minute to minute): sample 16 prompts
+x 8 (`act`), score, `observe`, and `update` once the update's rows are in, as `agents.trainer.Trainer` does.
+Printed: seconds per batch of each, the median of the paired per-batch ratios, and each one's share of right
+answers (the two are different samplers of the same policy, so the last should agree within noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.checkpoint import load_checkpoint
+from agents.common import Transition
+from games import make
+from llm_bridge.agent import LMAgent, LMArgs
+from llm_bridge.policy import cpu_has_bf16
+
+
+def build(args: LMArgs, dtype: str, state: dict) -> tuple[LMAgent, object]:
+    lm = dataclasses.replace(args.lm, dtype=dtype)
+    env = make("addition", num_envs=args.train.num_envs, **dataclasses.replace(args, lm=lm).env_options("train"))
+    agent = LMAgent(lm, args.train.num_envs, torch.device("cpu"), seed=0, answer_done=getattr(env, "answer_done", None),
+                    regroup=getattr(env, "set_group_size", None))
+    agent.load_state_dict(state)
+    return agent, env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="a run folder of `ponglab train ppo addition` (its latest checkpoint is loaded)")
+    ap.add_argument("--batches", type=int, default=12, help="measured batches per precision (after one warm-up)")
+    opts = ap.parse_args()
+    print(f"AVX512-BF16 or AMX on this CPU: {cpu_has_bf16()}; torch threads: {torch.get_num_threads()}")
+    state = load_checkpoint(Path(opts.run) / "checkpoints" / "latest.pt")["agent"]
+    args = LMArgs()
+    runners = {}
+    for dtype in ("mixed", "float32"):
+        agent, env = build(args, dtype, state)
+        obs, _ = env.reset(seed=1)
+        runners[dtype] = {"agent": agent, "env": env, "obs": obs, "seconds": [], "right": [], "updates": 0}
+
+    def batch(r: dict) -> float:
+        t = time.perf_counter()
+        action = r["agent"].act(r["obs"])
+        next_obs, reward, term, trunc, info = r["env"].step(action)
+        r["agent"].observe(Transition(r["obs"], action, reward, term, trunc, next_obs, next_obs, info))
+        r["obs"] = next_obs
+        r["right"].append(float(np.mean(info["episode"]["r"] >= 1.0)))
+        if r["agent"].ready():
+            r["agent"].update(0, 10**9)
+            r["updates"] += 1
+        return time.perf_counter() - t
+
+    for name in runners:  # warm-up: first-call allocations
+        batch(runners[name])
+    order = list(runners)
+    for i in range(opts.batches):
+        for name in order if i % 2 == 0 else order[::-1]:
+            runners[name]["seconds"].append(batch(runners[name]))
+        m, f = runners["mixed"]["seconds"][-1], runners["float32"]["seconds"][-1]
+        print(f"batch {i + 1:2d}: mixed {m:5.2f} s, float32 {f:5.2f} s")
+    for name, r in runners.items():
+        print(f"{name:8s}: {statistics.median(r['seconds']):.2f} s a batch (median; mean {statistics.mean(r['seconds']):.2f}), "
+              f"{r['updates']} updates, {statistics.mean(r['right']):.1%} right")
+    ratios = [f / m for m, f in zip(runners["mixed"]["seconds"], runners["float32"]["seconds"])]
+    print(f"float32 / mixed seconds a batch, median over {len(ratios)} pairs: {statistics.median(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

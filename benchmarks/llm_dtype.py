@@ -24,18 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agents.builders import build_agent, make_env_fn
 from agents.checkpoint import load_checkpoint
 from agents.common import Transition
-from games import make
+from games import resolve
 from llm_bridge.agent import LMAgent, LMArgs
 from llm_bridge.policy import cpu_has_bf16
 
 
 def build(args: LMArgs, dtype: str, state: dict) -> tuple[LMAgent, object]:
-    lm = dataclasses.replace(args.lm, dtype=dtype)
-    env = make("addition", num_envs=args.train.num_envs, **dataclasses.replace(args, lm=lm).env_options("train"))
-    agent = LMAgent(lm, args.train.num_envs, torch.device("cpu"), seed=0, answer_done=getattr(env, "answer_done", None),
-                    regroup=getattr(env, "set_group_size", None))
+    """The env and agent `ponglab train ppo addition` builds (`agents.builders`), at `dtype`, with the run's weights."""
+    spec, args = resolve("addition"), dataclasses.replace(args, lm=dataclasses.replace(args.lm, dtype=dtype))
+    env = make_env_fn(spec, args)(args.train.num_envs, 1)
+    agent = build_agent("ppo", spec, args, env, torch.device("cpu"))
     agent.load_state_dict(state)
     return agent, env
 

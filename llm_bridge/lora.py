@@ -51,12 +51,23 @@ class LoRALinear(nn.Module):
         bound = 1.0 / math.sqrt(base.in_features)
         nn.init.uniform_(self.lora_a, -bound, bound)
         self.merged: Tensor | None = None  # W + scale B A [out, in] while sampling (`merged_adapters`)
-        self._base_t: tuple[tuple, Tensor] | None = None  # (what it was copied from, W^T): see `base_t`
+        # Copies of the frozen W, by kind: "t" (W^T, see `base_t`) and a dtype (W in it, see `forward`); each held
+        # with the identity of the W it was copied from.
+        self._copies: dict[str | torch.dtype, tuple[tuple, Tensor]] = {}
 
     def forward(self, x: Tensor) -> Tensor:  # x [..., in] -> [..., out]
         if self.merged is not None and not torch.is_grad_enabled():  # inside `merged_adapters`: sampling
             return nn.functional.linear(x, self.merged, self.base.bias)
-        y = self.base(x)
+        low = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        if low is not None and self.base.weight.dtype == torch.float32:
+            # Autocast would cast the frozen float32 W to `low` on every call (it caches casts of trained leaves
+            # only); a kept copy (270 MB for SmolLM2 in bfloat16) is the same numbers without the 6 bytes of
+            # traffic a weight per pass, forward and backward.
+            w = self._copy(low, lambda w: w.to(low))
+            bias = None if self.base.bias is None else self.base.bias.to(low)
+            y = nn.functional.linear(x.to(low), w, bias)
+        else:
+            y = self.base(x)
         # Two thin products (x A^T: [..., r], then B: [..., out]) rather than forming B A [out, in], so the
         # backward pass is thin too. Under autocast they run in bfloat16 like the base; without it, in the
         # adapters' float32 (a bfloat16 base included).
@@ -74,12 +85,21 @@ class LoRALinear(nn.Module):
         [out, in]: stored transposed, the training pass got 9-15% slower. The copy is made again if W is replaced
         or written in place by an op that bumps its version (`LMPolicy.load_state_dict` drops it in any case);
         no optimizer step touches W, since it is frozen."""
+        return self._copy("t", lambda w: w.t().contiguous())
+
+    def _copy(self, kind: str | torch.dtype, make) -> Tensor:
+        """`make(W)`, kept until W is replaced or written in place by an op that bumps its version."""
         w = self.base.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._base_t is None or self._base_t[0] != key:
-            self._base_t = None  # free the old copy first
-            self._base_t = (key, w.detach().t().contiguous())
-        return self._base_t[1]
+        if kind not in self._copies or self._copies[kind][0] != key:
+            self._copies.pop(kind, None)  # free the old copy first
+            with torch.no_grad():
+                self._copies[kind] = (key, make(w.detach()))
+        return self._copies[kind][1]
+
+    def drop_copies(self) -> None:
+        """Forget the copies of W (a load may have written it in place without bumping its version)."""
+        self._copies.clear()
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
@@ -113,14 +133,20 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
 
 
 @contextlib.contextmanager
-def merged_adapters(model: nn.Module) -> Iterator[None]:
+def merged_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
     """Within this block, forward passes without gradients use one merged weight W + scale B A per layer.
 
     Sampling runs ~10 forward passes per batch with the same adapters; the two thin extra products per layer
     and token cost ~12% of a decoding step on 2 CPU cores (measured: generation 5.84 -> 6.56 s for 8 x 4
     completions), while merging costs one [out, r] x [r, in] product per layer per block. The merge is built on
     entry, from the adapters as they are then, and dropped on exit (it holds a second copy of the weights), so
-    no optimizer step can leave it stale. A no-op for a model without adapters."""
+    no optimizer step can leave it stale. A no-op for a model without adapters.
+
+    `dtype` (the policy's autocast dtype, bfloat16 in mixed precision): store the merged weight in it. Autocast
+    casts a float32 weight to bfloat16 on *every* call (it caches casts only of trained leaf tensors), so a
+    decoding pass read 4 bytes a weight, wrote 2 and read those 2 again: on 2 CPU cores those casts were 42% of
+    a late-run `generate`. Cast once here, the same rounding of the same float32 merge, the passes read 2 bytes
+    a weight and compute the same numbers (tested)."""
     layers = lora_layers(model)
     with torch.no_grad():
         for layer in layers:
@@ -130,7 +156,7 @@ def merged_adapters(model: nn.Module) -> Iterator[None]:
             # rows of a decoding pass (M = 4-32) the CPU's GEMM runs it 1.5-2.3x faster than against the [out, in]
             # layout (benchmarks/bench_llm_layout.py).
             layer.merged = torch.addmm(w_t.float(), layer.lora_a.t(), layer.lora_b.t(),
-                                       alpha=layer.scale).to(w_t.dtype).t()
+                                       alpha=layer.scale).to(dtype or w_t.dtype).t()
     try:
         yield
     finally:

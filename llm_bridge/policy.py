@@ -247,7 +247,7 @@ class LMPolicy(nn.Module):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @contextlib.contextmanager
-    def _row_major_head(self):
+    def _row_major_head(self, dtype: torch.dtype | None = None):
         """While sampling, the LM head multiplies by a contiguous [hidden, vocab] copy of its weight (W^T).
 
         A decoding pass asks for the logits of a few rows (M = 4-32 nodes x slots), and for so few rows the CPU's
@@ -255,17 +255,19 @@ class LMPolicy(nn.Module):
         the [vocab, hidden] weight (16 rows of SmolLM2: 10 ms instead of 22; `benchmarks/bench_llm_layout.py`).
         Same numbers. The copy (113 MB for SmolLM2) is made on every call while the head trains (full fine-tuning:
         a fused AdamW step changes the weight in place without bumping its version, so there is no cheap test
-        of "unchanged"), and once while it is frozen (LoRA)."""
+        of "unchanged"), and once while it is frozen (LoRA). `dtype` (the autocast dtype in mixed precision): the copy
+        is made in it (57 MB in bfloat16), since autocast would otherwise cast the float32 weight on every pass (see
+        `lora.merged_adapters`)."""
         head = self.model.get_output_embeddings()
         if type(head) is not nn.Linear or head.bias is not None:  # another kind of head: leave it as it is
             yield
             return
         w = head.weight
-        key = (w.data_ptr(), w.dtype, w.device)
+        key = (w.data_ptr(), w.dtype, w.device, dtype)
         if w.requires_grad or self._head_t is None or self._head_t[0] != key:
             self._head_t = None  # free the old copy before making the new one
             with torch.no_grad():
-                w_t = w.detach().t().contiguous()  # [hidden, vocab]
+                w_t = w.detach().t().to(dtype or w.dtype).contiguous()  # [hidden, vocab]
             self._head_t = None if w.requires_grad else (key, w_t)
         else:
             w_t = self._head_t[1]
@@ -298,8 +300,8 @@ class LMPolicy(nn.Module):
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         self._head_t = None  # a load may rewrite even a frozen head in place: drop `_row_major_head`'s copy
-        for layer in lora_layers(self.model):  # and the frozen weights of the LoRA base: drop their W^T copies
-            layer._base_t = None
+        for layer in lora_layers(self.model):  # and the frozen weights of the LoRA base: drop their copies
+            layer.drop_copies()
         return super().load_state_dict(state_dict, *args, **kwargs)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
@@ -400,7 +402,7 @@ class LMPolicy(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with self._precision(), merged_adapters(self.model), self._row_major_head():  # see both
+            with self._precision(), merged_adapters(self.model, self.autocast_dtype), self._row_major_head(self.autocast_dtype):  # see both
                 if beam:
                     return self._beam_loop(prompt_ids, max_new_tokens, temperature, stops, num_samples, stop_text,
                                            beam_min_prob)

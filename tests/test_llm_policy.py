@@ -762,8 +762,8 @@ def test_row_major_sampling_weights_change_nothing(lora_rank: int, monkeypatch: 
         copies.add(None if policy._head_t is None else policy._head_t[1].data_ptr())
         base_copies.add(None if layer is None else layer.base_t().data_ptr())
         with monkeypatch.context() as m:  # the plain layout: the head as it is, merged weights as [out, in]
-            m.setattr(LMPolicy, "_row_major_head", lambda self: contextlib.nullcontext())
-            m.setattr(policy_module, "merged_adapters", lambda model: contextlib.nullcontext())
+            m.setattr(LMPolicy, "_row_major_head", lambda self, dtype=None: contextlib.nullcontext())
+            m.setattr(policy_module, "merged_adapters", lambda model, dtype=None: contextlib.nullcontext())
             plain = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=torch.Generator().manual_seed(0))
         assert torch.equal(r.completion_ids, plain.completion_ids)
         assert (r.logprobs - plain.logprobs).abs().max() < 1e-5
@@ -788,6 +788,49 @@ def test_row_major_sampling_weights_change_nothing(lora_rank: int, monkeypatch: 
             layer.base.weight.mul_(0.5)
         r = policy.generate(ids, max_new_tokens=6, num_samples=2, generator=torch.Generator().manual_seed(0))
         assert (policy.evaluate(r).logprobs - r.logprobs).abs().max() < 1e-5
+
+
+def test_bfloat16_copies_of_frozen_weights_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In mixed precision the sampler's merged LoRA weights and row-major head are stored in bfloat16, and the
+    training pass multiplies by a kept bfloat16 copy of each frozen W, where autocast would cast the float32
+    weights on every call: the same rounding of the same numbers, so the same tokens, log-probs and gradients,
+    bit for bit."""
+    from llm_bridge.lora import LoRALinear
+
+    tokenizer = byte_tokenizer()
+    policy = LMPolicy(tiny_lm(tokenizer, seed=0), tokenizer, lora_rank=4, autocast=torch.bfloat16)
+    assert policy.autocast_dtype == torch.bfloat16
+    with torch.no_grad():  # adapters that are not zero, so the merge matters
+        for layer in lora_layers(policy.model):
+            layer.lora_b.normal_(0.0, 0.02)
+    ids = policy.encode_prompts(PROMPTS)
+
+    def sample_and_grad() -> tuple[Rollout, torch.Tensor, list[torch.Tensor]]:
+        r = policy.generate(ids, max_new_tokens=8, num_samples=3, generator=torch.Generator().manual_seed(0))
+        policy.zero_grad(set_to_none=True)
+        logp = policy.token_logprobs(r)
+        (-(logp * r.completion_mask).sum()).backward()
+        return r, logp.detach(), [p.grad.clone() for p in policy.trainable_parameters()]
+
+    r, logp, grads = sample_and_grad()
+    layer = lora_layers(policy.model)[0]
+    assert layer._copies[torch.bfloat16][1].dtype == torch.bfloat16 and policy._head_t[1].dtype == torch.bfloat16
+    orig_merge, orig_head = policy_module.merged_adapters, LMPolicy._row_major_head
+
+    def autocast_forward(self, x):  # the frozen W left in float32, cast by autocast on each call
+        if self.merged is not None and not torch.is_grad_enabled():
+            return torch.nn.functional.linear(x, self.merged)
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_a), self.lora_b)
+        return self.base(x) + update * self.scale
+
+    with monkeypatch.context() as m:
+        m.setattr(policy_module, "merged_adapters", lambda model, dtype=None: orig_merge(model))
+        m.setattr(LMPolicy, "_row_major_head", lambda self, dtype=None: orig_head(self))
+        m.setattr(LoRALinear, "forward", autocast_forward)
+        r32, logp32, grads32 = sample_and_grad()
+    assert torch.equal(r.completion_ids, r32.completion_ids) and torch.equal(r.logprobs, r32.logprobs)
+    assert torch.equal(logp, logp32)
+    assert all(torch.equal(g, g32) for g, g32 in zip(grads, grads32))
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])

@@ -10,7 +10,13 @@ both loaded from the run's latest checkpoint, each with its own `addition` env (
 batch (who goes first alternates, because this machine's pace drifts from minute to minute): sample 16 prompts
 x 8 (`act`), score, `observe`, and `update` once the update's rows are in, as `agents.trainer.Trainer` does.
 Printed: seconds per batch of each, the median of the paired per-batch ratios, and each one's share of right
-answers (the two are different samplers of the same policy, so the last should agree within noise).
+answers (different samplers of the same policy, so the last should agree within noise).
+
+A third agent, "recast", is mixed precision as it ran until the thirty-third session: the frozen float32 weights
+(the LoRA base in the training pass, the merged sampling weights, the row-major head) left for autocast to cast
+to bfloat16 on every call, where "mixed" keeps bfloat16 copies (`lora.LoRALinear.forward`,
+`lora.merged_adapters`, `LMPolicy._row_major_head`). Same numbers bit for bit (tested), so the difference is the
+cost of the casts.
 """
 
 from __future__ import annotations
@@ -24,12 +30,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import contextlib
+
 from agents.builders import build_agent, make_env_fn
 from agents.checkpoint import load_checkpoint
 from agents.common import Transition
 from games import resolve
+from llm_bridge import policy as policy_module
 from llm_bridge.agent import LMAgent, LMArgs
-from llm_bridge.policy import cpu_has_bf16
+from llm_bridge.lora import LoRALinear
+from llm_bridge.policy import LMPolicy, cpu_has_bf16
+
+
+@contextlib.contextmanager
+def recasting():
+    """Mixed precision with the frozen weights kept in float32 only, so autocast casts them on every call."""
+    merge, head, forward = policy_module.merged_adapters, LMPolicy._row_major_head, LoRALinear.forward
+
+    def forward_f32(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None and not torch.is_grad_enabled():
+            return torch.nn.functional.linear(x, self.merged, self.base.bias)
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_a), self.lora_b)
+        return self.base(x) + update * self.scale
+
+    policy_module.merged_adapters = lambda model, dtype=None: merge(model)
+    LMPolicy._row_major_head = lambda self, dtype=None: head(self)
+    LoRALinear.forward = forward_f32
+    try:
+        yield
+    finally:
+        policy_module.merged_adapters, LMPolicy._row_major_head, LoRALinear.forward = merge, head, forward
 
 
 def build(args: LMArgs, dtype: str, state: dict) -> tuple[LMAgent, object]:
@@ -50,12 +80,17 @@ def main() -> None:
     state = load_checkpoint(Path(opts.run) / "checkpoints" / "latest.pt")["agent"]
     args = LMArgs()
     runners = {}
-    for dtype in ("mixed", "float32"):
+    for name, dtype in (("mixed", "mixed"), ("float32", "float32"), ("recast", "mixed")):
         agent, env = build(args, dtype, state)
         obs, _ = env.reset(seed=1)
-        runners[dtype] = {"agent": agent, "env": env, "obs": obs, "seconds": [], "right": [], "updates": 0}
+        runners[name] = {"agent": agent, "env": env, "obs": obs, "seconds": [], "right": [], "updates": 0,
+                         "patch": recasting if name == "recast" else contextlib.nullcontext}
 
     def batch(r: dict) -> float:
+        with r["patch"]():
+            return timed_batch(r)
+
+    def timed_batch(r: dict) -> float:
         t = time.perf_counter()
         action = r["agent"].act(r["obs"])
         next_obs, reward, term, trunc, info = r["env"].step(action)
@@ -73,13 +108,13 @@ def main() -> None:
     for i in range(opts.batches):
         for name in order if i % 2 == 0 else order[::-1]:
             runners[name]["seconds"].append(batch(runners[name]))
-        m, f = runners["mixed"]["seconds"][-1], runners["float32"]["seconds"][-1]
-        print(f"batch {i + 1:2d}: mixed {m:5.2f} s, float32 {f:5.2f} s")
+        print(f"batch {i + 1:2d}: " + ", ".join(f"{n} {r['seconds'][-1]:5.2f} s" for n, r in runners.items()))
     for name, r in runners.items():
         print(f"{name:8s}: {statistics.median(r['seconds']):.2f} s a batch (median; mean {statistics.mean(r['seconds']):.2f}), "
               f"{r['updates']} updates, {statistics.mean(r['right']):.1%} right")
-    ratios = [f / m for m, f in zip(runners["mixed"]["seconds"], runners["float32"]["seconds"])]
-    print(f"float32 / mixed seconds a batch, median over {len(ratios)} pairs: {statistics.median(ratios):.2f}x")
+    for other in ("float32", "recast"):
+        ratios = [o / m for m, o in zip(runners["mixed"]["seconds"], runners[other]["seconds"])]
+        print(f"{other} / mixed seconds a batch, median over {len(ratios)} pairs: {statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":

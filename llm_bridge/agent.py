@@ -591,7 +591,8 @@ class LMAgent:
             minibatches = self._minibatches(rows, group)
             for idx in minibatches:
                 mb = ro[idx]
-                stats = self.policy.evaluate(mb, self.temperature, with_entropy=True)  # one forward, with grad
+                stats = self.policy.evaluate(mb, self.temperature, with_entropy=True,  # one forward, with grad
+                                             entropy_grad=cfg.ent_bonus != 0)  # else logged only
                 m = mb.completion_mask * weight[idx, None]  # [b, T]: a merged row's tokens count once per copy
                 pg_loss, pg_stats = policy_loss(stats.logprobs, mb.logprobs, advantages[idx], cfg.llm_clip, m)
                 if cfg.loss_norm == "sampled":  # the minibatch's token sum over its share of all sampled tokens

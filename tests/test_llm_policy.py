@@ -75,6 +75,10 @@ def test_training_logprobs_match_sampling(tiny_policy: LMPolicy, temperature: fl
     grads = [p.grad for p in policy.trainable_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     policy.zero_grad(set_to_none=True)
+    # Entropy for logging only (no entropy bonus): the same values, without a graph to backpropagate through.
+    logged = policy.evaluate(r, temperature=temperature, with_entropy=True, entropy_grad=False)
+    assert logged.entropy.grad_fn is None and logged.logprobs.grad_fn is not None
+    assert torch.allclose(logged.entropy, stats.entropy.detach(), atol=1e-6)
 
 
 def test_stop_text_ends_a_completion_at_the_first_token_that_satisfies_it(tiny_policy: LMPolicy) -> None:

@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.common import masked_mean  # the same helper the PPO loss uses
+from llm_bridge.attention import use_cpu_attention
 from llm_bridge.lora import add_lora, lora_layers, merged_adapters
 from llm_bridge.models import load_lm, resolve_device
 
@@ -198,6 +199,8 @@ class LMPolicy(nn.Module):
         # Reference model: a frozen copy of the *initial* weights, for a KL penalty / KL logging.
         # It is a registered submodule (moves with .to(), saved in state_dict so a resumed run keeps
         # the same reference) but has requires_grad=False: use trainable_parameters() for optimizers.
+        # On the CPU, attention as written out in llm_bridge/attention.py (faster than SDPA at these sizes).
+        use_cpu_attention(self.model)
         self.ref_model: PreTrainedModel | None = None
         if reference:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)

@@ -196,11 +196,12 @@ class LMPolicy(nn.Module):
             self.value_head = nn.Linear(model.config.hidden_size, 1, device=param.device, dtype=torch.float32)
             nn.init.normal_(self.value_head.weight, std=1e-3)
             nn.init.zeros_(self.value_head.bias)
+        # On the CPU, attention as written out in llm_bridge/attention.py (faster than SDPA at these sizes); set
+        # before the reference is copied, so that it runs the same attention.
+        use_cpu_attention(self.model)
         # Reference model: a frozen copy of the *initial* weights, for a KL penalty / KL logging.
         # It is a registered submodule (moves with .to(), saved in state_dict so a resumed run keeps
         # the same reference) but has requires_grad=False: use trainable_parameters() for optimizers.
-        # On the CPU, attention as written out in llm_bridge/attention.py (faster than SDPA at these sizes).
-        use_cpu_attention(self.model)
         self.ref_model: PreTrainedModel | None = None
         if reference:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)

@@ -22,6 +22,7 @@ cost of the casts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -29,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-import contextlib
 
 from agents.builders import build_agent, make_env_fn
 from agents.checkpoint import load_checkpoint
